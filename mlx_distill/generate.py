@@ -1,0 +1,211 @@
+"""Batched MLX generation (mlx-lm's continuous-batching ``BatchGenerator``).
+
+Used for the local/offline teacher, and for the base and distilled students on
+the held-out prompts. Greedy by default. Each record holds the text, prompt and
+completion token counts, the stop reason (``eos`` or ``length``) and tok/s.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mlx_distill.config import click_options, opt, resolve, save_config
+from mlx_distill.errors import ConfigError, cli_errors
+
+
+@dataclass
+class GenerateConfig:
+    model: str = opt("demo", "Student model: demo, a .gguf file, an mlx-lm directory or a hub id.")
+    adapter_path: str | None = opt(None, "Adapter folder to apply (mlx-lm format).")
+    prompts: str | None = opt(None, "Prompt JSONL file ({'id', 'prompt', ...} per line).")
+    out: str | None = opt(None, "Output JSONL file (one record per prompt).")
+    system: str | None = opt(None, "System prompt for every request (TEXT or @file).")
+    max_tokens: int = opt(512, "Maximum new tokens per answer.")
+    temperature: float = opt(0.0, "Sampling temperature; 0 is greedy.")
+    top_p: float = opt(1.0, "Nucleus sampling mass (with temperature > 0).")
+    seed: int = opt(0, "Random seed for sampling.")
+    batch_size: int = opt(8, "Sequences decoded together (continuous batching).")
+    dtype_policy: str = opt("auto", "auto: fp32 on CPU, as stored on a GPU.", choices=("auto", "float32", "native"))
+    overwrite: bool = opt(False, "Replace an existing --out file.")
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    stop_reason: str  # "eos" | "length"
+    elapsed_s: float
+    tok_per_s: float
+
+
+def read_text_arg(value: str | None) -> str | None:
+    """``@path`` reads a file; anything else is the text itself."""
+    if value and value.startswith("@"):
+        p = Path(value[1:])
+        if not p.is_file():
+            raise ConfigError(f"{value}: no such file")
+        return p.read_text(encoding="utf-8")
+    return value
+
+
+def chat_tokens(tokenizer: Any, prompt: str, system: str | None = None) -> list[int]:
+    """Token ids of a one-turn chat with the generation prompt appended."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}
+    ]
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
+
+
+def generate_batch(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    system: str | None = None,
+    max_tokens: int = 512,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 8,
+    on_done: Callable[[int, Completion], None] | None = None,
+) -> list[Completion]:
+    """Generate one answer per prompt with continuous batching; results in input order.
+
+    ``on_done(index, completion)`` is called as each sequence finishes (for
+    progress bars and incremental writes).
+    """
+    import mlx.core as mx
+    from mlx_lm.generate import BatchGenerator
+    from mlx_lm.sample_utils import make_sampler
+
+    if not prompts:
+        return []
+    mx.random.seed(seed)
+    encoded = [chat_tokens(tokenizer, p, system) for p in prompts]
+    gen = BatchGenerator(
+        model,
+        stop_tokens=[[t] for t in tokenizer.eos_token_ids],
+        sampler=make_sampler(temp=temperature, top_p=top_p),
+        completion_batch_size=batch_size,
+        prefill_batch_size=batch_size,
+    )
+    try:
+        uids = gen.insert(encoded, [max_tokens] * len(encoded))
+        index = {uid: i for i, uid in enumerate(uids)}
+        tokens: dict[int, list[int]] = {uid: [] for uid in uids}
+        results: list[Completion | None] = [None] * len(uids)
+        t0 = time.perf_counter()
+        while responses := gen.next_generated():
+            for r in responses:
+                if r.finish_reason != "stop":  # the eos token itself is not part of the text
+                    tokens[r.uid].append(r.token)
+                if r.finish_reason is not None:
+                    i = index[r.uid]
+                    elapsed = time.perf_counter() - t0
+                    n = len(tokens[r.uid])
+                    results[i] = Completion(
+                        text=tokenizer.decode(tokens[r.uid]),
+                        prompt_tokens=len(encoded[i]),
+                        completion_tokens=n,
+                        stop_reason="eos" if r.finish_reason == "stop" else "length",
+                        elapsed_s=round(elapsed, 3),
+                        tok_per_s=round(n / elapsed, 2) if elapsed > 0 else 0.0,
+                    )
+                    if on_done is not None:
+                        on_done(i, results[i])
+    finally:
+        gen.close()
+    return [r for r in results if r is not None]
+
+
+def _records(prompts: list[Any], completions: list[Completion], model_label: str, cfg: GenerateConfig,
+             system: str | None, adapter: str | None) -> list[dict[str, Any]]:
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return [
+        {
+            "id": p.id,
+            "prompt": p.prompt,
+            "system": system,
+            "response": c.text,
+            "model": model_label,
+            "adapter": adapter,
+            **{k: v for k, v in asdict(c).items() if k != "text"},
+            "temperature": cfg.temperature,
+            "seed": cfg.seed,
+            "created_at": now,
+        }
+        for p, c in zip(prompts, completions)
+    ]
+
+
+def generate_file(cfg: GenerateConfig, echo: Callable[[str], None] = print) -> Path:
+    """``mlx-distill generate``: answer every prompt in ``cfg.prompts`` into ``cfg.out``."""
+    from mlx_distill import models
+    from mlx_distill.files import write_jsonl_atomic
+    from mlx_distill.prompts import load_prompts
+
+    if not cfg.prompts or not cfg.out:
+        raise ConfigError("--prompts and --out are required")
+    out = Path(cfg.out)
+    if out.exists() and out.stat().st_size > 0 and not cfg.overwrite:
+        raise ConfigError(f"--out {out} exists; pass --overwrite to replace it, or choose another path")
+    prompts = load_prompts(cfg.prompts)
+    system = read_text_arg(cfg.system)
+    model, tokenizer, info = models.load(cfg.model, cfg.adapter_path, cfg.dtype_policy)
+    done = [0]
+
+    def progress(i: int, c: Completion) -> None:
+        done[0] += 1
+        echo(f"[{done[0]}/{len(prompts)}] {prompts[i].id}: {c.completion_tokens} tokens ({c.stop_reason})")
+
+    completions = generate_batch(
+        model, tokenizer, [p.prompt for p in prompts], system=system, max_tokens=cfg.max_tokens,
+        temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, batch_size=cfg.batch_size,
+        on_done=progress,
+    )
+    write_jsonl_atomic(out, _records(prompts, completions, cfg.model, cfg, system, cfg.adapter_path))
+    save_config(cfg, out.with_suffix(".config.json"))
+    return out
+
+
+def generate_base_and_adapted(
+    cfg: GenerateConfig, prompts: list[Any], adapter_path: str | Path
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Base and distilled answers from one loaded base: generate, apply the adapter, generate."""
+    from mlx_distill import models
+
+    system = read_text_arg(cfg.system)
+    model, tokenizer, _ = models.load(cfg.model, None, cfg.dtype_policy)
+    kw = dict(system=system, max_tokens=cfg.max_tokens, temperature=cfg.temperature,
+              top_p=cfg.top_p, seed=cfg.seed, batch_size=cfg.batch_size)
+    texts = [p.prompt for p in prompts]
+    base = generate_batch(model, tokenizer, texts, **kw)
+    models.load_adapter(model, adapter_path)
+    adapted = generate_batch(model, tokenizer, texts, **kw)
+    return (
+        _records(prompts, base, cfg.model, cfg, system, None),
+        _records(prompts, adapted, cfg.model, cfg, system, str(adapter_path)),
+    )
+
+
+@click.command("generate")
+@click_options(GenerateConfig)
+@click.option("--config", "config_file", type=click.Path(), help="YAML file with these options.")
+@cli_errors
+def cli(config_file: str | None, **kwargs: Any) -> None:
+    """Batched MLX generation: one answer per prompt, written as JSONL."""
+    cfg = resolve(GenerateConfig, kwargs, config_file, section="generate")
+    out = generate_file(cfg, echo=lambda s: click.echo(s, err=True))
+    click.echo(str(out))
+
+
+if __name__ == "__main__":
+    cli()
