@@ -34,6 +34,11 @@ class RunDir:
         return self.root / "prompts.jsonl"
 
     @property
+    def heldout(self) -> Path:
+        """The held-out comparison prompts (never in training data)."""
+        return self.root / "heldout.jsonl"
+
+    @property
     def teacher_data(self) -> Path:
         return self.root / "teacher_data.jsonl"
 
