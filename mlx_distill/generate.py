@@ -64,6 +64,48 @@ def chat_tokens(tokenizer: Any, prompt: str, system: str | None = None) -> list[
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
 
 
+MIN_SHARED_PREFIX = 32
+
+
+def shared_prefix_cache(model: Any, encoded: list[list[int]]) -> tuple[list[int], list[Any] | None]:
+    """Prefill the prompts' common prefix once and give each sequence its own copy of the KV cache.
+
+    With a shared system prompt (the demo teacher's ~250-token style prompt), every
+    prompt starts with the same tokens; prefilling them once instead of per prompt
+    saves (n - 1) x prefix tokens of prompt processing (~200 tok/s on a 2-core CPU).
+    Returns ``([], None)`` when there is no useful shared prefix.
+    """
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+    if len(encoded) < 2:
+        return [], None
+    n = min(len(e) for e in encoded) - 1  # every sequence keeps at least its last token
+    first = encoded[0]
+    k = 0
+    while k < n and all(e[k] == first[k] for e in encoded):
+        k += 1
+    if k < MIN_SHARED_PREFIX:
+        return [], None
+    cache = make_prompt_cache(model)
+    if not all(type(c) is KVCache for c in cache):
+        return [], None  # rotating/quantized caches: keep the simple path
+    model(mx.array([first[:k]]), cache=cache)
+    kv = [c.keys_and_values() for c in cache]
+    mx.eval(kv)
+    copies = []
+    for _ in encoded:
+        layer_copies = []
+        for keys, values in kv:
+            cc = KVCache()
+            # MLX arrays are values: a later in-place update of one copy makes a new array,
+            # so the sequences can share the prefilled buffers.
+            cc.state = (keys, values, keys.shape[2])
+            layer_copies.append(cc)
+        copies.append(layer_copies)
+    return first[:k], copies
+
+
 def generate_batch(
     model: Any,
     tokenizer: Any,
@@ -90,6 +132,7 @@ def generate_batch(
         return []
     mx.random.seed(seed)
     encoded = [chat_tokens(tokenizer, p, system) for p in prompts]
+    prefix, caches = shared_prefix_cache(model, encoded)
     gen = BatchGenerator(
         model,
         stop_tokens=[[t] for t in tokenizer.eos_token_ids],
@@ -98,7 +141,10 @@ def generate_batch(
         prefill_batch_size=batch_size,
     )
     try:
-        uids = gen.insert(encoded, [max_tokens] * len(encoded))
+        uids = gen.insert(
+            [e[len(prefix):] for e in encoded], [max_tokens] * len(encoded),
+            caches=caches, all_tokens=[list(prefix) for _ in encoded] if caches else None,
+        )
         index = {uid: i for i, uid in enumerate(uids)}
         tokens: dict[int, list[int]] = {uid: [] for uid in uids}
         results: list[Completion | None] = [None] * len(uids)
