@@ -1,0 +1,58 @@
+"""Losses for the training loop.
+
+The protocol (what ``mlx-distill train`` accepts as ``loss=``)::
+
+    loss(model, tokens, lengths, *extra) -> (loss, ntoks, metrics)
+
+* ``tokens``: int32 (B, W); ``lengths``: int32 (B, 2) rows of (offset, length)
+  as :func:`mlx_distill.training.data.iterate_batches` yields them; ``extra``:
+  any further arrays a swapped-in batch iterator yields (e.g. cached teacher
+  top-K log-probs), passed through untouched.
+* ``loss``: scalar, the *mean* over the ``ntoks`` loss tokens of this batch
+  (finite even when ``ntoks`` is 0: a rank can get only filler rows).
+* ``metrics``: name -> scalar, each also a mean over the loss tokens (``acc``,
+  and e.g. ``kl``/``ce`` for distillation); they are weighted by ``ntoks``
+  across steps and ranks and written to metrics.jsonl.
+
+The step differentiates ``loss * ntoks`` and divides the summed gradient by
+the global token count, so a batch split over N ranks gives the same update
+as one process (a mean of per-rank means would not when ranks hold different
+token counts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+LossFn = Callable[[Any, Any, Any], tuple[Any, Any, dict[str, Any]]]
+
+
+def loss_mask(lengths: Any, width: int) -> Any:
+    """(B, width) bool: which targets count.
+
+    ``targets[:, t] = tokens[:, t + 1]``; a row of ``length`` L with
+    ``offset`` o has real tokens 0..L-1, so its targets are t + 1 in
+    [max(o, 1), L - 1]. mlx-lm 0.32.2's ``default_loss`` uses ``t + 1 <= L``,
+    which also trains every row to predict the pad id 0 after its last token
+    (mlx-lm PR #1697); with an 8-token answer that is 1 target in 9.
+    """
+    import mlx.core as mx
+
+    steps = mx.arange(1, width + 1)
+    return mx.logical_and(steps >= lengths[:, 0:1], steps < lengths[:, 1:])
+
+
+def lm_loss(model: Any, tokens: Any, lengths: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """Masked next-token cross-entropy and token accuracy (argmax == target)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    logits = model(inputs)
+    mask = loss_mask(lengths, targets.shape[1])
+    ntoks = mask.sum()
+    denom = mx.maximum(ntoks, 1).astype(mx.float32)
+    ce = (nn.losses.cross_entropy(logits, targets) * mask).astype(mx.float32).sum() / denom
+    correct = mx.logical_and(mx.argmax(logits, axis=-1) == targets, mask).sum()
+    return ce, ntoks, {"acc": correct.astype(mx.float32) / denom}
