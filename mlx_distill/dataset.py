@@ -60,6 +60,8 @@ class PrepareConfig:
     system: str | None = opt(None, "System message for the student's examples (TEXT or @file); none by default.")
     student: str | None = opt(None, "Student model (demo, .gguf, dir, hub id): report token lengths in its tokenizer.")
     max_seq_length: int = opt(2048, "With --student: count the examples this length would truncate.")
+    keep_truncated: bool = opt(False, "Keep answers cut at the token limit, trimmed to their last complete "
+                                      "paragraph (default: drop them).")
     overwrite: bool = opt(False, "Replace existing files in --out that differ from the new ones.")
 
 
@@ -116,6 +118,26 @@ def _check_record(obj: dict[str, Any], path: Path, lineno: int) -> tuple[str, st
     return str(rid), obj["prompt"], obj["response"], obj["stop_reason"]
 
 
+def trim_truncated(text: str, min_keep: float = 0.4) -> str | None:
+    """A cut-off answer trimmed back to a clean end, or None if too little is left.
+
+    An unclosed code fence is cut off before it opens; then the unfinished last
+    paragraph goes. The result ends at a paragraph boundary, so a student trained
+    on it learns to end answers cleanly rather than mid-sentence. ``None`` when
+    less than ``min_keep`` of the text (by characters) would remain.
+    """
+    body = text.rstrip()
+    fences = [i for i in range(len(body)) if body.startswith("```", i) and (i == 0 or body[i - 1] == "\n")]
+    if len(fences) % 2 == 1:
+        body = body[: fences[-1]].rstrip()
+    cut = body.rfind("\n\n")
+    if cut > 0 and not body.endswith("```"):
+        body = body[:cut].rstrip()
+    if body.count("```") % 2 == 1 or len(body) < min_keep * len(text.strip()) or not body:
+        return None
+    return body
+
+
 def build_splits(
     teacher_data: str | Path,
     *,
@@ -124,11 +146,15 @@ def build_splits(
     valid_fraction: float = 0.1,
     test_fraction: float = 0.0,
     system: str | None = None,
+    keep_truncated: bool = False,
 ) -> tuple[dict[str, list[dict[str, Any]]], Counter[str], list[str]]:
     """Read and validate teacher data; return (rows per split, dropped counts, notes).
 
     Pure (writes nothing); any malformed line raises DataError with file:line.
+    With ``keep_truncated``, answers cut at the token limit are kept, trimmed back
+    to their last complete paragraph (see :func:`trim_truncated`).
     """
+    kept_trimmed = 0
     path = Path(teacher_data)
     splits: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
     hashes: dict[str, float] = {}
@@ -143,8 +169,12 @@ def build_splits(
             continue
         seen[rid] = lineno
         if stop in TRUNCATED:
-            dropped[f"stopped at the token limit ({stop})"] += 1
-            continue
+            trimmed = trim_truncated(response or "") if keep_truncated else None
+            if trimmed is None:
+                dropped[f"stopped at the token limit ({stop})"] += 1
+                continue
+            response = trimmed
+            kept_trimmed += 1
         if stop in NOT_AN_ANSWER:
             dropped[f"not an answer ({stop})"] += 1
             continue
@@ -163,6 +193,9 @@ def build_splits(
         raise DataError("the file has no records", path,
                         fix='add one JSON object per line: {"id", "prompt", "response", "stop_reason"}')
     notes: list[str] = []
+    if kept_trimmed:
+        notes.append(f"{kept_trimmed} answers cut at the token limit were kept, trimmed to their last "
+                     "complete paragraph (--keep-truncated)")
     # A pure threshold can leave a small set with no validation example
     # (10 examples x 0.1 has a 35% chance of none); then the train example
     # with the smallest hash moves to valid, which is still a function of ids.
@@ -262,6 +295,7 @@ def prepare(
     splits, dropped, notes = build_splits(
         cfg.teacher_data, held_out_ids=held_ids, held_out_texts=held_texts,
         valid_fraction=cfg.valid_fraction, test_fraction=cfg.test_fraction, system=system,
+        keep_truncated=cfg.keep_truncated,
     )
     if cfg.held_out:
         present = {r["id"] for r in splits["test"]}

@@ -196,3 +196,27 @@ def test_upstream_mlx_lm_lora_accepts_the_output(tmp_path: Path, tiny_model_dir:
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "Test loss" in res.stdout + res.stderr
     assert (tmp_path / "ad" / "adapters.safetensors").is_file()
+
+
+def test_trim_truncated_ends_at_a_clean_boundary() -> None:
+    from mlx_distill.dataset import trim_truncated
+
+    cut = "## Overview\nA.\n\n```python\ndef f():\n    return 1\n```\n\nExample usage:\n\n```python\nf("
+    assert trim_truncated(cut) == "## Overview\nA.\n\n```python\ndef f():\n    return 1\n```"
+    assert trim_truncated("Para one is long enough to keep.\n\nPara two is cut mid-sen") == (
+        "Para one is long enough to keep.")
+    assert trim_truncated("```python\ndef f(): retu") is None  # nothing complete is left
+
+
+def test_keep_truncated_keeps_trimmed_answers(tmp_path: Path) -> None:
+    td = tmp_path / "td.jsonl"
+    rows = [{"id": f"p{i}", "prompt": f"task {i}", "stop_reason": "max_tokens",
+             "response": f"Answer {i} is complete here.\n\nThen it is cu"} for i in range(6)]
+    td.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match="stopped at the token limit"):
+        build_splits(td)
+    splits, dropped, notes = build_splits(td, keep_truncated=True)
+    kept = [r for rs in splits.values() for r in rs]
+    assert len(kept) == 6 and not dropped
+    assert all(r["messages"][-1]["content"].endswith("is complete here.") for r in kept)
+    assert any("--keep-truncated" in n for n in notes)
