@@ -55,7 +55,7 @@ class RunConfig:
     heldout: str = opt("prompts/heldout.jsonl", "Held-out comparison prompts with tests (never trained on).")
     limit: int | None = opt(None, "Use only N training prompts, spread evenly over the files' categories.")
     expand_per_prompt: int = opt(0, "Ask the teacher for N variants of each prompt of the first file.")
-    export: bool = opt(True, "Run the export stage (fused HF model + verification).")
+    export: bool = opt(True, "Run the export stage (false skips it; a mapping configures it).")
     sections: dict[str, Any] = field(default_factory=dict, metadata={"help": "Stage sections.", "cli": False})
 
 
@@ -377,11 +377,12 @@ def _spread(rows: list[Any], limit: int | None) -> list[Any]:
 def load_run_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Top-level keys -> RunConfig; stage sections are kept raw and resolved per stage."""
     data = load_yaml(path) if path else {}
-    sections = {k: v for k, v in data.items() if k in SECTIONS}
+    # `export: false` skips the stage; `export: {...}` configures it.
+    sections = {k: v for k, v in data.items() if k in SECTIONS and not (k == "export" and isinstance(v, bool))}
     bad = [k for k, v in sections.items() if not isinstance(v, dict)]
     if bad:
         raise ConfigError(f"{path}: section {bad[0]!r} must be a mapping of option: value")
-    top = {k: v for k, v in data.items() if k not in SECTIONS}
+    top = {k: v for k, v in data.items() if k not in sections}
     cfg = resolve(RunConfig, overrides or {}, top)
     cfg.sections = sections
     # Validate every section now, before any stage runs (unknown keys, wrong types).

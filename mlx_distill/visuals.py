@@ -297,6 +297,15 @@ def _duration(seconds: float | None) -> str | None:
     return f"~{m}m{s:02d}s" if m else f"~{s}s"
 
 
+DISPLAY = {"demo": "SmolLM2-135M-Instruct"}
+
+
+def _display(model: str | None, teacher: bool = False) -> str | None:
+    if model in ("demo", "local:demo"):
+        return "SmolLM2-135M + style prompt" if teacher else DISPLAY["demo"]
+    return model.split(":", 1)[1] if model and model.startswith(("anthropic:", "local:")) else model
+
+
 def run_facts(run: RunDir) -> dict[str, Any]:
     """The numbers pipeline.mmd shows, from the run's artifacts (missing ones stay '?')."""
     facts: dict[str, Any] = {}
@@ -304,7 +313,7 @@ def run_facts(run: RunDir) -> dict[str, Any]:
         recs = read_jsonl(run.teacher_data)
         facts["prompts"] = len(recs)
         models = sorted({str(r.get("model")) for r in recs if r.get("model")})
-        facts["teacher"] = ", ".join(models) or None
+        facts["teacher"] = ", ".join(_display(m, teacher=True) or m for m in models) or None
         facts["cost"] = f"${sum(float(r.get('cost_usd') or 0) for r in recs):.2f}"
     state = json.loads(run.state.read_text()) if run.state.exists() else {}
     stages = state.get("stages", {})
@@ -312,7 +321,7 @@ def run_facts(run: RunDir) -> dict[str, Any]:
     ac = run.adapters / "adapter_config.json"
     if ac.exists():
         cfg = json.loads(ac.read_text())
-        facts["student"] = cfg.get("model")
+        facts["student"] = _display(cfg.get("model"))
         facts["method"] = str(cfg.get("fine_tune_type", "lora")).upper().replace("LORA", "LoRA").replace("DORA", "DoRA")
     if run.metrics.exists():
         rows = [r for r in read_jsonl(run.metrics) if r.get("type") == "train"]
