@@ -314,8 +314,14 @@ class Pipeline:
     def do_visuals(self) -> None:
         from mlx_distill.visuals import render
 
-        inputs = [self.run.metrics, self.run.scores, self.run.teacher_data, self.run.state]
-        self.stage("visuals", {"visuals": 1}, inputs[:3], lambda resume: render(self.run.root, echo=self.echo))
+        from mlx_distill.report import write_report
+
+        def work(resume: bool) -> None:
+            render(self.run.root, echo=self.echo)
+            if self.run.scores.exists():
+                write_report(self.run.root)  # again, now with the charts embedded
+
+        self.stage("visuals", {"visuals": 1}, [self.run.metrics, self.run.scores, self.run.teacher_data], work)
 
     def do_export(self) -> None:
         from mlx_distill.export import ExportConfig, export_model

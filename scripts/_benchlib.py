@@ -48,11 +48,12 @@ def machine() -> str:
     except (OSError, AttributeError):
         pass
     versions = []
-    for mod in ("mlx", "mlx_lm", "torch", "transformers", "peft"):
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("mlx", "mlx-lm", "torch", "transformers", "peft"):
         try:
-            m = __import__(mod)
-            versions.append(f"{mod} {getattr(m, '__version__', '?')}")
-        except Exception:
+            versions.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
             pass
     return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores{mem}; " + ", ".join(versions)
 
