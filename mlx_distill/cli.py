@@ -15,7 +15,7 @@ import click
 # name -> (module, help). Modules expose a click command called ``cli``.
 COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("mlx_distill.model_cli", "Import and inspect student models (the embedded demo model)."),
-    "expand": ("mlx_distill.prompts", "Ask a teacher for prompt variants."),
+    "expand": ("mlx_distill.expand", "Ask a teacher for prompt variants."),
     "collect": ("mlx_distill.collect", "Collect teacher answers for a prompt file."),
     "prepare": ("mlx_distill.dataset", "Turn teacher data into mlx-lm chat JSONL (train/valid/test)."),
     "train": ("mlx_distill.train", "LoRA/DoRA/full fine-tuning on mlx-lm's tuner."),

@@ -176,7 +176,8 @@ class Pipeline:
     # ---- the stages
 
     def do_prompts(self) -> None:
-        from mlx_distill.prompts import ExpandConfig, expand, load_prompts, near_duplicate
+        from mlx_distill.expand import ExpandConfig, expand
+        from mlx_distill.prompts import load_prompts, near_duplicate
 
         files = [_repo_path(p) for p in self.cfg.prompts]
         heldout_file = _repo_path(self.cfg.heldout)
@@ -312,9 +313,8 @@ class Pipeline:
         self.stage("compare", cfg, inputs, work, keep=(self.run.scores,))
 
     def do_visuals(self) -> None:
-        from mlx_distill.visuals import render
-
         from mlx_distill.report import write_report
+        from mlx_distill.visuals import render
 
         def work(resume: bool) -> None:
             render(self.run.root, echo=self.echo)

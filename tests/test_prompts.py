@@ -11,14 +11,11 @@ import pytest
 from click.testing import CliRunner
 
 from mlx_distill.errors import ConfigError
+from mlx_distill.expand import ExpandConfig, cli, expand, parse_variants
 from mlx_distill.prompts import (
-    ExpandConfig,
-    cli,
-    expand,
     jaccard,
     load_prompts,
     near_duplicate,
-    parse_variants,
     similarity,
 )
 from tests.fake_anthropic import TEST_KEY, FakeAnthropic, user_text
