@@ -15,7 +15,6 @@ test-fast:       ## unit tests only
 
 lint:
 	.venv/bin/ruff check mlx_distill tests scripts
-	.venv/bin/ruff format --check mlx_distill tests scripts
 
 bench:           ## every benchmark; writes docs/benchmarks.md
 	@scripts/setup.sh --test

@@ -48,6 +48,10 @@ def preload() -> str | None:
     late = "mlx.core" in sys.modules and not openblas_active()
     for path in _candidates():
         if os.path.exists(path):
+            if not late and "openblas" in path:  # skinny matmuls (decoding) to BLIS: see _skinny_blas
+                from mlx_distill import _skinny_blas
+
+                _skinny_blas.load(path)
             try:
                 ctypes.CDLL(path, mode=os.RTLD_GLOBAL)
             except OSError:

@@ -7,8 +7,10 @@ completion token counts, the stop reason (``eos`` or ``length``) and tok/s.
 
 from __future__ import annotations
 
+import gc
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -124,12 +126,41 @@ def generate_batch(
     ``on_done(index, completion)`` is called as each sequence finishes (for
     progress bars and incremental writes).
     """
+    if not prompts:
+        return []
+    with _no_gc():
+        return _generate_batch(model, tokenizer, prompts, system=system, max_tokens=max_tokens,
+                               temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
+                               on_done=on_done)
+
+
+@contextmanager
+def _no_gc() -> Iterator[None]:
+    """Python's cyclic GC off while decoding (restored after).
+
+    BatchGenerator allocates thousands of small Python objects per step, so the
+    collector ran every few steps: 4% of a batched decode's CPU time in a perf
+    profile (gc_collect_main, visit_decref, visit_reachable). Nothing it
+    allocates is cyclic garbage that must go before the loop ends.
+    """
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _generate_batch(
+    model: Any, tokenizer: Any, prompts: Sequence[str], *, system: str | None, max_tokens: int,
+    temperature: float, top_p: float, seed: int, batch_size: int,
+    on_done: Callable[[int, Completion], None] | None,
+) -> list[Completion]:
     import mlx.core as mx
     from mlx_lm.generate import BatchGenerator
     from mlx_lm.sample_utils import make_sampler
 
-    if not prompts:
-        return []
     mx.random.seed(seed)
     encoded = [chat_tokens(tokenizer, p, system) for p in prompts]
     prefix, caches = shared_prefix_cache(model, encoded)

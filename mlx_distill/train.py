@@ -63,6 +63,7 @@ class TrainConfig:
     weight_decay: float = opt(0.0, "AdamW weight decay.")
     mask_prompt: bool = opt(True, "Loss on the assistant answer only (off: on the prompt too).")
     grad_checkpoint: bool = opt(False, "Recompute activations in the backward pass: less memory, same result.")
+    pack: bool = opt(False, "Pack several examples into each fixed-width row, with no attention across them.")
     max_seq_length: int = opt(2048, "Longer examples are truncated to this many tokens.")
     seed: int = opt(0, "Seed for LoRA initialisation, batch order and dropout.")
     steps_per_eval: int | None = opt(None, "Validate every N steps (default: once per epoch; 0: start and end only).")
@@ -72,6 +73,19 @@ class TrainConfig:
     resume: bool = opt(False, "Continue from the last checkpoint in --adapter-path.")
     overwrite: bool = opt(False, "Replace a previous run's files in --adapter-path.")
     dtype_policy: str = opt("auto", "auto: fp32 on CPU, as stored on a GPU.", choices=("auto", "float32", "native"))
+    # Token-level distillation (mlx_distill.training.kd): loss = (1 - ratio) * CE + ratio * KL.
+    loss: str = opt("sft", "sft: cross-entropy on the teacher's text; kd: plus a KL to a local teacher's "
+                    "token distribution.", choices=("sft", "kd"))
+    teacher_model: str | None = opt(None, "--loss kd: the frozen local teacher (demo, .gguf, dir, hub id), with "
+                                    "the student's tokenizer.")
+    teacher_system: str | None = opt(None, "--loss kd: the teacher's system prompt (TEXT or @file; '' for the "
+                                     "student's context); default: the style prompt for `demo`, else none.")
+    kd_ratio: float = opt(0.5, "--loss kd: weight of the KL (0: plain SFT, 1: KL only).")
+    kd_temperature: float = opt(1.0, "--loss kd: softmax temperature of both sides (the KL is scaled by T^2).")
+    kd_kind: str = opt("forward", "--loss kd: forward KL(teacher||student), reverse KL(student||teacher) or "
+                       "Jensen-Shannon.", choices=("forward", "reverse", "jsd"))
+    kd_top_k: int | None = opt(None, "--loss kd: cache the teacher's top-K log-probs + tail mass next to the "
+                               "data (~K x 6 bytes/token), reused across epochs; default: full logits on the fly.")
 
 
 @dataclass
@@ -92,7 +106,7 @@ class TrainResult:
 # Options that shape the trajectory: a checkpoint only resumes under the same ones.
 _TRAJECTORY = ("model", "fine_tune_type", "lora_rank", "lora_scale", "lora_dropout", "lora_keys", "num_layers",
                "learning_rate", "lr_schedule", "warmup_steps", "optimizer", "weight_decay", "batch_size",
-               "mask_prompt", "max_seq_length", "seed")
+               "mask_prompt", "max_seq_length", "seed", "pack")
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -118,6 +132,11 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"--num-layers {cfg.num_layers}: expected a positive count, or -1 for all layers")
     if cfg.resume and cfg.overwrite:
         raise ConfigError("--resume and --overwrite contradict each other; pass one")
+    if cfg.pack and cfg.loss != "sft":
+        raise ConfigError(f"--pack works with --loss sft only (got --loss {cfg.loss}); drop --pack")
+    from mlx_distill.training.kd_setup import check_kd_config
+
+    check_kd_config(cfg)
 
 
 def _schedule(cfg: TrainConfig, total_steps: int) -> Any:
@@ -152,7 +171,9 @@ def _optimizer(cfg: TrainConfig, total_steps: int) -> Any:
 
 def _fingerprint(cfg: TrainConfig, train_file: Path) -> dict[str, Any]:
     data_hash = hashlib.sha256(train_file.read_bytes()).hexdigest()[:16]
-    return {**{k: getattr(cfg, k) for k in _TRAJECTORY}, "train_sha256": data_hash}
+    from mlx_distill.training.kd_setup import kd_fingerprint
+
+    return {**{k: getattr(cfg, k) for k in _TRAJECTORY}, "train_sha256": data_hash, **kd_fingerprint(cfg)}
 
 
 def _setup_model(model: Any, cfg: TrainConfig, num_layers: int) -> dict[str, Any] | None:
@@ -200,6 +221,11 @@ def train(
     from mlx_distill.training import data as tdata
     from mlx_distill.training.losses import lm_loss
 
+    if cfg.pack:  # several examples per row (training.packing); a swapped-in loss or batcher still wins
+        from mlx_distill.training import packing
+
+        loss = loss or packing.packed_lm_loss
+        iterate_batches = iterate_batches or packing.iterate_packed_batches
     loss = loss or lm_loss
     iterate_batches = iterate_batches or tdata.iterate_batches
     check_config(cfg)
@@ -234,9 +260,20 @@ def train(
         raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {len(train_set)} training "
                           f"examples in {train_path}; lower it to at most {len(train_set)}")
     # 104 examples / batch 4 = 26 steps per epoch; 5 epochs = 130 steps.
-    steps_per_epoch = tdata.batches_per_epoch(len(train_set), cfg.batch_size)
+    steps_per_epoch = (packing.packed_steps_per_epoch(train_set, cfg.batch_size, cfg.max_seq_length) if cfg.pack
+                       else tdata.batches_per_epoch(len(train_set), cfg.batch_size))
     total_steps = cfg.iters if cfg.iters is not None else cfg.epochs * steps_per_epoch
 
+    kd_info = None
+    if cfg.loss == "kd":  # teacher, vocabulary and answer alignment are checked here, before any compute
+        from mlx_distill.training.kd_setup import SplitData, setup_kd
+
+        splits = [SplitData("train", train_path, *train_rows, train_set)]
+        if valid_set is not None:
+            splits.append(SplitData("valid", valid_path, *valid_rows, valid_set))
+        kd = setup_kd(cfg, model, tokenizer, info.spec, splits, base_iterate=iterate_batches, group=group,
+                      loader=model_loader or models.load, echo=say)
+        loss, iterate_batches, kd_info = kd.loss, kd.iterate_batches, kd.info
     lora_parameters = _setup_model(model, cfg, num_layers)
     optimizer = _optimizer(cfg, total_steps)
     optimizer.init(model.trainable_parameters())
@@ -266,7 +303,7 @@ def train(
              "dtype": ",".join(dtypes),
              "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "train_examples": len(train_set),
              "valid_examples": len(valid_set) if valid_set else 0, "world_size": world,
-             "metrics_path": str(metrics)}
+             "metrics_path": str(metrics), **({"kd": kd_info} if kd_info else {})}
     config_json = ckpt.adapter_config(asdict(cfg), num_layers=num_layers, lora_parameters=lora_parameters,
                                       extra=extra)
     if rank0:

@@ -1,22 +1,38 @@
 #!/usr/bin/env python
-"""LoRA training throughput: mlx-distill's trainer (MLX) vs torch + peft, same CPU, same batches.
+"""LoRA training throughput: mlx-distill's trainer (MLX) vs torch + peft, same machine, same batches.
 
-Both train the demo student (SmolLM2-135M, fp32) with the same LoRA (rank,
-scale = lora_alpha / r, the 7 linear modules of the last N layers), the same
-optimizer (Adam with bias correction, lr 1e-4) and the *same token batches*
-(built once here with mlx-distill's batcher from examples/teacher_data.jsonl,
-saved to .npz, and replayed by both). Each runs in its own subprocess, one
-after the other, with the same thread count, so its peak RSS is its own.
-Warm-up steps (compilation, allocator growth) are excluded for both.
+Both train the same model with the same LoRA (rank, scale = lora_alpha / r,
+the 7 linear modules of the last N layers), the same optimizer (Adam with
+bias correction, lr 1e-4) and the *same token batches*, saved once to .npz
+and replayed by both. Each run is its own subprocess, one after the other,
+with the same thread count, so its peak RSS is its own; warm-up steps
+(compilation, allocator growth, torch's slow first steps) are excluded.
 
-Also measured in the same run: MLX fp32 matmul at N=1024 with OpenBLAS and
-with MLX's bundled BLAS (``MLX_DISTILL_BLAS=off``), and training FLOP/s as a
-share of that matmul peak. FLOPs per real token, the same for both:
-forward 2*(all layer weights + lm_head) + 4*T*d per layer (attention scores
-and values), backward 2*(adapted layers + lm_head) + 8*T*d per adapted layer
-(input gradients only; the base is frozen; LoRA's own FLOPs are ignored).
+Ways (``--ways``):
 
-Usage: scripts/bench_train.py [--steps 5] [--warmup 3] [--layers 16] [--answer-copies 2] [--no-write]
+* ``mlx``: the trainer as users get it (``training.loop.run_loop``: the CPU
+  levers of ``training.cpu_levers`` apply on a CPU: fast exp ops, native JIT,
+  malloc tuning, one MLX stream per core).
+* ``mlx-plain``: the same trainer with every CPU lever switched off by its
+  environment variable: the "before" of docs/benchmarks.md.
+* ``mlx-gc``: ``mlx`` with ``--grad-checkpoint`` (the RSS figure).
+* ``torch``: transformers + peft, eager, fp32 (bf16 with ``--dtype bfloat16``).
+
+Models: ``--model demo`` is the embedded SmolLM2-135M (fp32) trained on the
+hand-written examples (real token lengths); ``--model synthetic`` is a
+random-weight model of the same shape (or ``--shape qwen0.5b``) saved once as
+safetensors and loaded by both frameworks, with random tokens of the same
+lengths: speed does not depend on the weights' values, and nothing of this
+machine is needed (this is how ``--device gpu`` runs on a CUDA box with
+``mlx[cuda]``, torch and peft).
+
+FLOPs per real token, the same for both: forward 2*(layer weights + lm_head)
++ 4*T*d per layer (attention), backward 2*(adapted layers + lm_head) + 8*T*d
+per adapted layer (input gradients only; the base is frozen; LoRA's own FLOPs
+are left out), as a share of MLX's matmul peak measured in the same run.
+
+Usage: scripts/bench_train.py [--model demo|synthetic] [--device cpu|gpu] [--steps 5] [--warmup 3]
+       [--ways mlx,torch,mlx-plain,mlx-gc] [--rounds 1] [--no-write]
 """
 
 from __future__ import annotations
@@ -33,7 +49,23 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT))
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LEVER_ENV = {"fastops": ("MLX_DISTILL_FAST_OPS", "0"), "native": ("MLX_DISTILL_NATIVE_JIT", "0"),
+             "skinny": ("MLX_DISTILL_SKINNY_BLAS", "0")}
+LEVERS_OFF = dict(LEVER_ENV.values())
+# Opt-in levers (off by default: no measured gain), as extra ways "mlx-with-<lever>".
+OPT_IN = {"streams": ("MLX_DISTILL_CPU_STREAMS", "auto"), "malloc": ("MLX_DISTILL_MALLOC", "1")}
+# "mlx-no-<lever>": the trainer with one lever switched off (the ablation rows of the docs).
+WAYS = ["mlx", "mlx-plain", "mlx-gc", "torch", *(f"mlx-no-{k}" for k in LEVER_ENV),
+        *(f"mlx-with-{k}" for k in OPT_IN)]
+SHAPES = {
+    # SmolLM2-135M (the demo student) and Qwen2.5-0.5B, llama-family layouts.
+    "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, intermediate_size=1536, num_attention_heads=9,
+                         num_key_value_heads=3, head_dim=64, vocab_size=49152, rope_theta=100000.0),
+    "qwen0.5b": dict(hidden_size=896, num_hidden_layers=24, intermediate_size=4864, num_attention_heads=14,
+                     num_key_value_heads=2, head_dim=64, vocab_size=151936, rope_theta=1000000.0),
+}
 
 
 def peak_rss_gb() -> float:
@@ -41,10 +73,17 @@ def peak_rss_gb() -> float:
     return kb / (1024**3 if sys.platform == "darwin" else 1024**2)
 
 
+def load_batches(path: str) -> list[tuple]:
+    import numpy as np
+
+    data = np.load(path)
+    return [(data[f"tokens_{i}"], data[f"lengths_{i}"]) for i in range(int(data["count"]))]
+
+
 # -- workers (each runs in its own subprocess) --------------------------------------------------
 
 
-def worker_matmul(out: Path) -> None:
+def worker_matmul(args: argparse.Namespace) -> None:
     import mlx_distill  # noqa: F401  (loads OpenBLAS unless MLX_DISTILL_BLAS=off)
 
     # isort: split
@@ -52,15 +91,22 @@ def worker_matmul(out: Path) -> None:
 
     from mlx_distill import _blas
 
-    n = 1024
-    a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
+    gpu = args.device == "gpu"
+    if gpu:
+        mx.set_default_device(mx.gpu)
+    n = 4096 if gpu else 1024
+    dtype = getattr(mx, args.dtype)
+    a, b = mx.random.normal((n, n)).astype(dtype), mx.random.normal((n, n)).astype(dtype)
     mx.eval(a @ b)
+    reps = 20 if gpu else 1
     best = float("inf")
     for _ in range(5):
         t = time.perf_counter()
-        mx.eval(a @ b)
-        best = min(best, time.perf_counter() - t)
-    out.write_text(json.dumps({"gflops": 2 * n**3 / best / 1e9, "openblas": _blas.openblas_active()}))
+        # Every product is evaluated: MLX is lazy, and an unevaluated one costs nothing.
+        mx.eval([a @ b for _ in range(reps)])
+        best = min(best, (time.perf_counter() - t) / reps)
+    Path(args.out).write_text(json.dumps({"gflops": 2 * n**3 / best / 1e9, "openblas": _blas.openblas_active(),
+                                          "n": n}))
 
 
 def worker_mlx(args: argparse.Namespace) -> None:
@@ -68,27 +114,49 @@ def worker_mlx(args: argparse.Namespace) -> None:
 
     # isort: split
     import mlx.core as mx
-    import numpy as np
+    from mlx_lm.utils import load_model
 
-    from mlx_distill.train import TrainConfig, train
+    from mlx_distill import models
+    from mlx_distill.train import TrainConfig, _optimizer, _setup_model
+    from mlx_distill.training.loop import LoopSettings, grad_checkpointing, run_loop
 
-    data = np.load(args.batches)
-    batches = [(data[f"tokens_{i}"], data[f"lengths_{i}"]) for i in range(int(data["count"]))]
+    if args.device == "gpu":
+        mx.set_default_device(mx.gpu)
+    batches = load_batches(args.batches)
+    policy = "float32" if args.dtype == "float32" else "native"
+    model, _ = load_model(Path(args.model_dir))  # the weights only: a synthetic model has no tokenizer
+    models.apply_dtype_policy(model, policy)
+    if args.dtype != "float32":
+        model.set_dtype(getattr(mx, args.dtype))
+    cfg = TrainConfig(model=args.model_dir, data="-", batch_size=args.batch_size, lora_rank=args.rank,
+                      lora_scale=args.scale, num_layers=args.layers, learning_rate=1e-4, iters=len(batches))
+    _setup_model(model, cfg, args.layers)
+    optimizer = _optimizer(cfg, len(batches))
+    optimizer.init(model.trainable_parameters())
 
     def replay(dataset, batch_size, max_seq_length, loop=False, seed=None, comm_group=None):  # noqa: ANN001
         for tokens, lengths in batches:
             yield mx.array(tokens), mx.array(lengths)
 
     steps: list[dict] = []
-    cfg = TrainConfig(model="demo", data=args.data, adapter_path=str(Path(args.out).parent / "mlx_adapter"),
-                      iters=len(batches), batch_size=args.batch_size, lora_rank=args.rank, lora_scale=args.scale,
-                      num_layers=args.layers, learning_rate=1e-4, steps_per_eval=0, save_every=0,
-                      max_seq_length=4096, overwrite=True)
-    train(cfg, iterate_batches=replay, on_step=steps.append, echo=lambda _: None, progress=False)
+    logs: list[str] = []
+    settings = LoopSettings(batch_size=args.batch_size, max_seq_length=1 << 16, total_steps=len(batches),
+                            steps_per_epoch=len(batches), eval_every=0, save_every=0)
+    with grad_checkpointing(model, args.grad_checkpoint):
+        run_loop(model, optimizer, None, None, settings, loss=_loss(), iterate_batches=replay,
+                 group=mx.distributed.init(), write=lambda r: None, checkpoint=lambda step, state: None,
+                 on_step=steps.append, progress=False, echo=logs.append)
     Path(args.out).write_text(json.dumps({
         "step_s": [r["step_s"] for r in steps], "tokens": [r["tokens"] for r in steps],
         "loss": [r["loss"] for r in steps], "peak_rss_gb": peak_rss_gb(),
+        "peak_mem_gb": mx.get_peak_memory() / 1e9, "log": logs,
     }))
+
+
+def _loss():  # noqa: ANN202
+    from mlx_distill.training.losses import lm_loss
+
+    return lm_loss
 
 
 def worker_torch(args: argparse.Namespace) -> None:
@@ -98,11 +166,13 @@ def worker_torch(args: argparse.Namespace) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    gpu = args.device == "gpu"
+    dev = "cuda" if gpu else "cpu"
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    data = np.load(args.batches)
-    batches = [(data[f"tokens_{i}"], data[f"lengths_{i}"]) for i in range(int(data["count"]))]
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
+    batches = load_batches(args.batches)
+    dtype = getattr(torch, args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype).to(dev)
     model.config.use_cache = False
     n = model.config.num_hidden_layers
     lora = LoraConfig(r=args.rank, lora_alpha=args.rank * args.scale, lora_dropout=0.0, bias="none",
@@ -113,28 +183,34 @@ def worker_torch(args: argparse.Namespace) -> None:
     step_s, tokens, losses = [], [], []
     for toks, lens in batches:
         t = time.perf_counter()
-        x = torch.from_numpy(toks.astype(np.int64))
+        x = torch.from_numpy(toks.astype(np.int64)).to(dev)
         inputs, targets = x[:, :-1], x[:, 1:]
-        steps = torch.arange(1, targets.shape[1] + 1)
-        lens_t = torch.from_numpy(lens.astype(np.int64))
+        steps = torch.arange(1, targets.shape[1] + 1, device=dev)
+        lens_t = torch.from_numpy(lens.astype(np.int64)).to(dev)
         mask = (steps >= lens_t[:, :1]) & (steps < lens_t[:, 1:])  # as mlx_distill.training.losses
-        logits = model(input_ids=inputs).logits
+        logits = model(input_ids=inputs).logits.float()
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
         loss = (ce * mask.reshape(-1)).sum() / mask.sum()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        value = float(loss)  # a sync point, like MLX's eval
+        if gpu:
+            torch.cuda.synchronize()
         step_s.append(time.perf_counter() - t)
         tokens.append(int(lens[:, 1].sum()))
-        losses.append(float(loss))
-    Path(args.out).write_text(json.dumps({"step_s": step_s, "tokens": tokens, "loss": losses,
-                                          "peak_rss_gb": peak_rss_gb(), "threads": torch.get_num_threads()}))
+        losses.append(value)
+    Path(args.out).write_text(json.dumps({
+        "step_s": step_s, "tokens": tokens, "loss": losses, "peak_rss_gb": peak_rss_gb(),
+        "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if gpu else None,
+        "threads": torch.get_num_threads()}))
 
 
 # -- the parent ----------------------------------------------------------------------------------
 
 
-def build_batches(args: argparse.Namespace, work: Path) -> tuple[str, str, Path, dict]:
+def demo_batches(args: argparse.Namespace, work: Path) -> tuple[str, list, dict]:
+    """The embedded model and batches of the hand-written examples (mlx-distill's own batcher)."""
     import mlx_distill  # noqa: F401  (OpenBLAS before mlx.core)
 
     # isort: split
@@ -149,7 +225,7 @@ def build_batches(args: argparse.Namespace, work: Path) -> tuple[str, str, Path,
     data_dir = work / "data"
     # Teacher answers run to hundreds of tokens; the hand-written ones are 127-217
     # tokens with the template. --answer-copies 2 joins each answer with the next
-    # one (~250-400 tokens), close to the 300-500 of the figures in FACTS.md.
+    # one (~220-330 tokens), close to the 300-500 of the figures in FACTS.md.
     rows = [json.loads(line) for line in (ROOT / "examples" / "teacher_data.jsonl").read_text().splitlines()]
     joined = [{**r, "response": "\n\n".join(rows[(i + k) % len(rows)]["response"] for k in range(args.answer_copies))}
               for i, r in enumerate(rows)]
@@ -158,21 +234,57 @@ def build_batches(args: argparse.Namespace, work: Path) -> tuple[str, str, Path,
     prepare(PrepareConfig(teacher_data=str(teacher), out=str(data_dir), valid_fraction=0.0), echo=lambda _: None)
     train_set, _ = load_data(data_dir, load_tokenizer(model_dir, eos_token_ids=[2]), max_seq_length=4096)
     it = iterate_batches(train_set, args.batch_size, 4096, loop=True, seed=0)
-    arrays: dict[str, np.ndarray] = {}
-    widths = []
-    for i in range(args.warmup + args.steps):
-        tokens, lengths = next(it)
-        arrays[f"tokens_{i}"], arrays[f"lengths_{i}"] = np.array(tokens), np.array(lengths)
-        widths.append(tokens.shape[1])
-    path = work / "batches.npz"
-    np.savez(path, count=args.warmup + args.steps, **arrays)
+    batches = [tuple(np.array(a) for a in next(it)) for _ in range(args.warmup + args.steps)]
     lens = [len(t) for t, _ in train_set.items]
-    info = {"examples": len(train_set), "tokens_min": min(lens), "tokens_max": max(lens),
-            "widths": sorted(set(widths))}
-    return str(model_dir), str(data_dir), path, info
+    return str(model_dir), batches, {"examples": len(train_set), "tokens_min": min(lens), "tokens_max": max(lens),
+                                     "source": f"the {len(train_set)} hand-written examples, {args.answer_copies} "
+                                               "answers joined per example"}
 
 
-def run_worker(kind: str, args: argparse.Namespace, extra: list[str], env: dict) -> dict:
+def synthetic_batches(args: argparse.Namespace, work: Path) -> tuple[str, list, dict]:
+    """A random-weight model of ``--shape`` (safetensors + HF config) and random-token batches."""
+    import numpy as np
+
+    shape = SHAPES[args.shape]
+    cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "rms_norm_eps": 1e-5,
+           "max_position_embeddings": 8192, "tie_word_embeddings": True, "rope_traditional": False,
+           "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "bos_token_id": 1,
+           "eos_token_id": 2, "pad_token_id": 2, "torch_dtype": "float32", **shape}
+    model_dir = work / "model"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    d, f, L, V = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"], shape["vocab_size"]
+    kv = shape["num_key_value_heads"] * shape["head_dim"]
+    q = shape["num_attention_heads"] * shape["head_dim"]
+    tensors = {"model.embed_tokens.weight": (V, d), "model.norm.weight": None}
+    for i in range(L):
+        p = f"model.layers.{i}."
+        tensors.update({p + "self_attn.q_proj.weight": (q, d), p + "self_attn.k_proj.weight": (kv, d),
+                        p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, q),
+                        p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d),
+                        p + "mlp.down_proj.weight": (d, f), p + "input_layernorm.weight": None,
+                        p + "post_attention_layernorm.weight": None})
+    arrays = {k: (np.ones(d, np.float32) if s is None else (rng.standard_normal(s, np.float32) * 0.02))
+              for k, s in tensors.items()}
+    from safetensors.numpy import save_file
+
+    save_file(arrays, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    (model_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    # Lengths like the demo data's (220-330 tokens with a ~40-token prompt), rows sorted into batches.
+    lens = rng.integers(args.min_len, args.max_len + 1, size=(args.warmup + args.steps) * args.batch_size)
+    batches = []
+    for i in range(args.warmup + args.steps):
+        rows = np.sort(lens[i * args.batch_size:(i + 1) * args.batch_size])
+        width = 1 + 32 * int(np.ceil(rows.max() / 32))
+        tokens = rng.integers(3, V, size=(args.batch_size, width)).astype(np.int32)
+        lengths = np.stack([np.full_like(rows, 40), rows], axis=1).astype(np.int32)
+        batches.append((tokens, lengths))
+    return str(model_dir), batches, {"examples": len(lens), "tokens_min": int(lens.min()),
+                                     "tokens_max": int(lens.max()),
+                                     "source": f"random tokens, lengths {args.min_len}-{args.max_len}"}
+
+
+def run_worker(kind: str, extra: list[str], env: dict) -> dict:
     out = Path(tempfile.mkdtemp(prefix=f"bench-{kind}-")) / "result.json"
     cmd = [sys.executable, __file__, "--worker", kind, "--out", str(out), *extra]
     t = time.perf_counter()
@@ -187,9 +299,11 @@ def run_worker(kind: str, args: argparse.Namespace, extra: list[str], env: dict)
 
 def flops_per_token(cfg: dict, adapted: int, mean_width: float) -> float:
     d, f, L, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
-    kv = cfg["num_key_value_heads"] * cfg.get("head_dim", d // cfg["num_attention_heads"])
-    per_layer = d * d * 2 + d * kv * 2 + 3 * d * f  # q, o + k, v + gate, up, down
-    attn = 4 * mean_width * d
+    heads = cfg["num_attention_heads"]
+    hd = cfg.get("head_dim") or d // heads
+    kv = cfg["num_key_value_heads"] * hd
+    per_layer = 2 * d * heads * hd + 2 * d * kv + 3 * d * f  # q, o + k, v + gate, up, down
+    attn = 4 * mean_width * heads * hd
     forward = 2 * (L * per_layer + d * V) + L * attn
     backward = 2 * (adapted * per_layer + d * V) + adapted * 2 * attn
     return forward + backward
@@ -199,105 +313,182 @@ def summarise(r: dict, warmup: int) -> dict:
     secs, toks = sum(r["step_s"][warmup:]), sum(r["tokens"][warmup:])
     per_step = [t / s for t, s in zip(r["tokens"][warmup:], r["step_s"][warmup:])]
     return {"tok_per_s": toks / secs, "step_s": secs / len(per_step), "tokens": toks,
-            "min_tok_per_s": min(per_step), "max_tok_per_s": max(per_step),
-            "peak_rss_gb": r["peak_rss_gb"], "first_loss": r["loss"][0], "last_loss": r["loss"][-1]}
+            "min_tok_per_s": min(per_step), "max_tok_per_s": max(per_step), "peak_rss_gb": r["peak_rss_gb"],
+            "peak_mem_gb": r.get("peak_mem_gb"), "first_loss": r["loss"][0], "last_loss": r["loss"][-1],
+            "log": r.get("log", [])}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=5, help="measured steps per framework")
-    p.add_argument("--warmup", type=int, default=3, help="unmeasured first steps per framework (torch needs ~3)")
+    p.add_argument("--model", choices=["demo", "synthetic"], default=None,
+                   help="default: demo on the CPU, synthetic on a GPU")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m", help="--model synthetic's shape")
+    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="default: float32 on the CPU, bfloat16 on a GPU")
+    p.add_argument("--steps", type=int, default=5, help="measured steps per way")
+    p.add_argument("--warmup", type=int, default=3, help="unmeasured first steps per way (torch needs ~3)")
     p.add_argument("--layers", type=int, default=16, help="adapt the last N layers")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--scale", type=float, default=20.0, help="LoRA scale (peft lora_alpha = rank * scale)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--answer-copies", type=int, default=2, help="join N hand-written answers per example")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--batch-size", type=int, default=None, help="default: 4 on the CPU, 16 on a GPU")
+    p.add_argument("--answer-copies", type=int, default=2, help="--model demo: join N hand-written answers")
+    p.add_argument("--min-len", type=int, default=220, help="--model synthetic: shortest example")
+    p.add_argument("--max-len", type=int, default=330, help="--model synthetic: longest example")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                   else (os.cpu_count() or 1))
+    p.add_argument("--ways", default="mlx,torch,mlx-plain,mlx-gc", help="comma-separated, of: " + ", ".join(WAYS))
+    p.add_argument("--rounds", type=int, default=1, help="alternating rounds; each way's best round counts")
+    p.add_argument("--section", default=None, help="docs/benchmarks.md section (default: train, train-gpu)")
     p.add_argument("--no-write", action="store_true", help="do not touch docs/benchmarks.md")
     p.add_argument("--worker", choices=["matmul", "mlx", "torch"], help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--batches", help=argparse.SUPPRESS)
-    p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
+    p.add_argument("--grad-checkpoint", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.worker == "matmul":
-        return worker_matmul(Path(args.out))
-    if args.worker == "mlx":
-        return worker_mlx(args)
-    if args.worker == "torch":
-        return worker_torch(args)
+    gpu = args.device == "gpu"
+    args.model = args.model or ("synthetic" if gpu else "demo")
+    args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    args.batch_size = args.batch_size or (16 if gpu else 4)
+    if args.worker:
+        return {"matmul": worker_matmul, "mlx": worker_mlx, "torch": worker_torch}[args.worker](args)
 
+    import numpy as np
     from _benchlib import emit, write_section
 
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    model_dir, data_dir, batches, info = build_batches(args, work)
+    model_dir, batches, info = (demo_batches if args.model == "demo" else synthetic_batches)(args, work)
+    np.savez(work / "batches.npz", count=len(batches),
+             **{f"{k}_{i}": a for i, b in enumerate(batches) for k, a in zip(("tokens", "lengths"), b)})
+    widths = [b[0].shape[1] for b in batches]
     env = {**os.environ, "OPENBLAS_NUM_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads),
-           "TOKENIZERS_PARALLELISM": "false", "MLX_DISTILL_HOME": os.environ.get("MLX_DISTILL_HOME", "")}
-    if not env["MLX_DISTILL_HOME"]:
-        env.pop("MLX_DISTILL_HOME")
-    common = ["--batches", str(batches), "--data", data_dir, "--model-dir", model_dir, "--rank", str(args.rank),
+           "TOKENIZERS_PARALLELISM": "false"}
+    common = ["--batches", str(work / "batches.npz"), "--model-dir", model_dir, "--rank", str(args.rank),
               "--scale", str(args.scale), "--layers", str(args.layers), "--batch-size", str(args.batch_size),
-              "--threads", str(args.threads)]
+              "--threads", str(args.threads), "--device", args.device, "--dtype", args.dtype]
+    ways = [w.strip() for w in args.ways.split(",") if w.strip()]
+    unknown = set(ways) - set(WAYS)
+    if unknown:
+        raise SystemExit(f"--ways: unknown {sorted(unknown)}; expected some of {', '.join(WAYS)}")
     load_before = os.getloadavg()[0]
-    blas = run_worker("matmul", args, [], env)
-    bundled = run_worker("matmul", args, [], {**env, "MLX_DISTILL_BLAS": "off"})
-    mlx = summarise(run_worker("mlx", args, common, env), args.warmup)
-    torch = summarise(run_worker("torch", args, common, env), args.warmup)
-
+    mm = ["--device", args.device, "--dtype", args.dtype]
+    blas = run_worker("matmul", mm, env)
+    bundled = None if gpu else run_worker("matmul", mm, {**env, "MLX_DISTILL_BLAS": "off"})
+    rounds: dict[str, list[dict]] = {w: [] for w in ways}
+    for r in range(args.rounds):
+        for way in ways if r % 2 == 0 else ways[::-1]:
+            if way == "torch":
+                res = run_worker("torch", common, env)
+            else:
+                extra = ["--grad-checkpoint"] if way == "mlx-gc" else []
+                off = LEVERS_OFF if way == "mlx-plain" else (
+                    dict([LEVER_ENV[way[len("mlx-no-"):]]]) if way.startswith("mlx-no-") else
+                    dict([OPT_IN[way[len("mlx-with-"):]]]) if way.startswith("mlx-with-") else {})
+                res = run_worker("mlx", common + extra, {**env, **off})
+            s = summarise(res, args.warmup)
+            rounds[way].append(s)
+            print(f"round {r + 1} {way}: {s['tok_per_s']:.1f} tok/s, {s['step_s']:.2f} s/step, "
+                  f"peak RSS {s['peak_rss_gb']:.2f} GB (framework peak {s['peak_mem_gb'] or 0:.2f} GB), "
+                  f"load {os.getloadavg()[0]:.1f}", flush=True)
     load_after = os.getloadavg()[0]
+    best = {w: max(rs, key=lambda x: x["tok_per_s"]) for w, rs in rounds.items()}
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    mean_width = sum(info["widths"]) / len(info["widths"])
-    fpt = flops_per_token(cfg, args.layers, mean_width)
+    fpt = flops_per_token(cfg, args.layers, sum(widths) / len(widths))
     peak = blas["gflops"]
-    figures = {
-        "mlx_tok_per_s": round(mlx["tok_per_s"], 1), "torch_tok_per_s": round(torch["tok_per_s"], 1),
-        "mlx_over_torch": round(mlx["tok_per_s"] / torch["tok_per_s"], 3),
-        "mlx_peak_rss_gb": round(mlx["peak_rss_gb"], 2), "torch_peak_rss_gb": round(torch["peak_rss_gb"], 2),
-        "rss_ratio": round(mlx["peak_rss_gb"] / torch["peak_rss_gb"], 3),
-        "matmul_gflops_openblas": round(peak, 1), "matmul_gflops_bundled": round(bundled["gflops"], 2),
-        "openblas_speedup": round(peak / bundled["gflops"], 1),
-        "mlx_flops_share": round(mlx["tok_per_s"] * fpt / 1e9 / peak, 3),
-        "torch_flops_share": round(torch["tok_per_s"] * fpt / 1e9 / peak, 3),
-        "mlx_first_loss": round(mlx["first_loss"], 4), "torch_first_loss": round(torch["first_loss"], 4),
-        "steps": args.steps, "warmup": args.warmup, "threads": args.threads,
+
+    def ratio(a: str, b: str, key: str = "tok_per_s") -> float | None:
+        if a in best and b in best and best[a].get(key) and best[b].get(key):
+            return round(best[a][key] / best[b][key], 3)
+        return None
+
+    mem = "peak_mem_gb" if gpu else "peak_rss_gb"
+    figures: dict = {
+        "bench": "train", "device": args.device, "model": args.model, "dtype": args.dtype,
+        **{f"{w.replace('-', '_')}_tok_per_s": round(s["tok_per_s"], 1) for w, s in best.items()},
+        **{f"{w.replace('-', '_')}_{mem}": round(s[mem], 2) for w, s in best.items() if s.get(mem) is not None},
+        **{f"{w.replace('-', '_')}_flops_share": round(s["tok_per_s"] * fpt / 1e9 / peak, 3) for w, s in best.items()},
+        "mlx_over_torch": ratio("mlx", "torch"), "plain_over_torch": ratio("mlx-plain", "torch"),
+        "levers_speedup": ratio("mlx", "mlx-plain"),
+        "mem_ratio_gc": ratio("mlx-gc", "torch", mem), "mem_ratio": ratio("mlx", "torch", mem),
+        "matmul_gflops": round(peak, 1), "matmul_n": blas["n"],
+        "steps": args.steps, "warmup": args.warmup, "threads": args.threads, "rounds": args.rounds,
         "load_avg_before": round(load_before, 2), "load_avg_after": round(load_after, 2),
+        "first_loss": {w: round(s["first_loss"], 4) for w, s in best.items()},
+        "all_rounds_tok_per_s": {w: [round(x["tok_per_s"], 1) for x in rs] for w, rs in rounds.items()},
     }
-    # Under oversubscription the two frameworks slow down by different amounts:
-    # FACTS.md has torch+peft at ~140 tok/s on an idle machine, this script saw
-    # 42-47 tok/s at a load average of 4-7 on 2 cores while MLX stayed at 31-80,
-    # so the ratio of such a run is not the figure to quote.
-    figures["noisy"] = max(load_before, load_after) > (os.cpu_count() or 1)
-    warning = ("**Noisy run: the load average exceeded the core count, so these figures are not "
-               "representative; rerun on an idle machine before quoting them.**\n\n" if figures["noisy"] else "")
+    if bundled:
+        figures.update(matmul_gflops_bundled=round(bundled["gflops"], 2),
+                       openblas_speedup=round(peak / bundled["gflops"], 1))
+    cores = args.threads
+    figures["noisy"] = max(load_before, load_after) > cores
+    targets = {"mlx_over_torch": 1.0, "mlx_flops_share": 0.6, "mem_ratio_gc": 0.4}
+    figures["targets_met"] = {
+        "tok_per_s >= 1.0x torch": (figures["mlx_over_torch"] or 0) >= targets["mlx_over_torch"],
+        "FLOP/s >= 60% of matmul peak": figures.get("mlx_flops_share", 0) >= targets["mlx_flops_share"],
+        "peak memory <= 0.4x torch (grad checkpointing)": (figures["mem_ratio_gc"] or 9) <= targets["mem_ratio_gc"],
+    }
+    lever_log = next((line for s in best.values() for line in s["log"] if line.startswith("CPU levers")), "")
+    names = {"mlx": "MLX, mlx-distill trainer (CPU levers on)" if not gpu else "MLX (mlx[cuda]), mlx-distill trainer",
+             "mlx-plain": "MLX, same trainer, CPU levers off", "mlx-gc": "MLX, levers on + --grad-checkpoint",
+             "torch": "torch + peft (eager)",
+             **{f"mlx-no-{k}": f"MLX, levers on except {k} (`{e}={v}`)" for k, (e, v) in LEVER_ENV.items()},
+             **{f"mlx-with-{k}": f"MLX, levers on + opt-in {k} (`{e}={v}`)" for k, (e, v) in OPT_IN.items()}}
+    unit = "GPU memory (peak allocated)" if gpu else "peak RSS (own process)"
+    rows = "\n".join(
+        f"| {names[w]} | {s['tok_per_s']:.1f} | {s['min_tok_per_s']:.1f}-{s['max_tok_per_s']:.1f} | "
+        f"{s['step_s']:.2f} | {s[mem]:.2f} GB | {100 * s['tok_per_s'] * fpt / 1e9 / peak:.0f}% | "
+        f"{s['first_loss']:.4f} |" for w, s in best.items())
+    measured = {"tok_per_s >= 1.0x torch": figures["mlx_over_torch"],
+                "FLOP/s >= 60% of matmul peak": figures.get("mlx_flops_share"),
+                "peak memory <= 0.4x torch (grad checkpointing)": figures["mem_ratio_gc"]}
+    verdict = "; ".join(f"{k}: {'not measured' if measured[k] is None else 'met' if v else '**not met**'}"
+                        for k, v in figures["targets_met"].items())
+    parts = []
+    if figures["mlx_over_torch"] is not None:
+        parts.append(f"MLX / torch tokens/s: **{figures['mlx_over_torch']}x**")
+    if figures["plain_over_torch"] is not None:
+        parts.append(f"with the CPU levers off: {figures['plain_over_torch']}x")
+    if figures["levers_speedup"] is not None:
+        parts.append(f"the levers alone: {figures['levers_speedup']}x")
+    if figures["mem_ratio_gc"] is not None:
+        parts.append(f"memory with --grad-checkpoint / torch: {figures['mem_ratio_gc']}x")
+    if figures["mem_ratio"] is not None:
+        parts.append(f"memory without / torch: {figures['mem_ratio']}x")
+    summary = "; ".join(parts) + "." if parts else ""
+    warning = ("**Noisy run: the load average exceeded the core count, so the absolute figures are low and "
+               "the ratios uncertain; rerun on an idle machine before quoting them.**\n\n" if figures["noisy"] else "")
+    blas_line = (f"MLX fp32 matmul, N=1024: **{peak:.1f} GFLOP/s with OpenBLAS** vs {bundled['gflops']:.2f} with "
+                 f"the bundled BLAS (`MLX_DISTILL_BLAS=off`): **{figures['openblas_speedup']:.0f}x** (target: "
+                 "more than 20x).\n" if bundled else
+                 f"MLX {args.dtype} matmul, N={blas['n']}: {peak / 1000:.1f} TFLOP/s.\n")
     body = warning + f"""
-`scripts/bench_train.py --steps {args.steps} --warmup {args.warmup} --layers {args.layers} --answer-copies {args.answer_copies}`: the demo student
-(SmolLM2-135M, fp32), LoRA rank {args.rank} (scale {args.scale:g}; peft lora_alpha {args.rank * args.scale:g}) on
-the 7 linear modules of the last {args.layers} of {cfg['num_hidden_layers']} layers, batch {args.batch_size}, Adam
-(bias-corrected) lr 1e-4, {args.threads} threads. Both replay the same {args.warmup + args.steps} batches of the
-{info['examples']} hand-written examples, {args.answer_copies} answers joined per example ({info['tokens_min']}-{info['tokens_max']}
-tokens; padded widths {info['widths']}); the first {args.warmup} steps of each are excluded. tokens/s counts real
-(non-pad) tokens.
+`scripts/bench_train.py --model {args.model} --device {args.device} --steps {args.steps} --warmup {args.warmup} --layers {args.layers} --rounds {args.rounds}`:
+{'the demo student (SmolLM2-135M)' if args.model == 'demo' else f'a random-weight {args.shape} model'}, {args.dtype},
+LoRA rank {args.rank} (scale {args.scale:g}; peft lora_alpha {args.rank * args.scale:g}) on the 7 linear modules of
+the last {args.layers} of {cfg['num_hidden_layers']} layers, batch {args.batch_size}, Adam (bias-corrected) lr 1e-4,
+{args.threads} threads. Every way replays the same {len(batches)} batches ({info['source']}, {info['tokens_min']}-{info['tokens_max']}
+tokens; padded widths {sorted(set(widths))}); the first {args.warmup} steps of each are excluded; tokens/s counts
+real (non-pad) tokens; best of {args.rounds} alternating round(s) (tok/s per round: {figures['all_rounds_tok_per_s']}).
+{('MLX run log: `' + lever_log + '`.') if lever_log else ''}
 
-| | MLX (mlx-distill trainer) | torch + peft | ratio |
-| --- | --- | --- | --- |
-| tokens/s | {mlx['tok_per_s']:.1f} | {torch['tok_per_s']:.1f} | **{figures['mlx_over_torch']:.2f}x** |
-| tokens/s per measured step, min-max | {mlx['min_tok_per_s']:.1f}-{mlx['max_tok_per_s']:.1f} | {torch['min_tok_per_s']:.1f}-{torch['max_tok_per_s']:.1f} | |
-| seconds per step | {mlx['step_s']:.2f} | {torch['step_s']:.2f} | |
-| peak RSS (own process) | {mlx['peak_rss_gb']:.2f} GB | {torch['peak_rss_gb']:.2f} GB | {figures['rss_ratio']:.2f}x |
-| FLOP/s share of the fp32 matmul peak | {100 * figures['mlx_flops_share']:.0f}% | {100 * figures['torch_flops_share']:.0f}% | |
-| loss of step 1 (same weights, same batch) | {mlx['first_loss']:.4f} | {torch['first_loss']:.4f} | |
+| Way | tokens/s | per step, min-max | s/step | {unit} | FLOP/s share of matmul peak | loss of step 1 |
+| --- | ---: | ---: | ---: | ---: | ---: | ---: |
+{rows}
 
-MLX fp32 matmul, N=1024: **{peak:.1f} GFLOP/s with OpenBLAS** vs {bundled['gflops']:.2f} GFLOP/s with the
-bundled BLAS (`MLX_DISTILL_BLAS=off`): **{figures['openblas_speedup']:.0f}x** (target: more than 20x).
-FLOPs per token ({fpt / 1e6:.0f} MFLOP) count the forward pass over every layer and the input-gradient
+{summary} Targets: {verdict}.
+
+{blas_line}FLOPs per token ({fpt / 1e6:.0f} MFLOP) count the forward pass over every layer and the input-gradient
 backward pass through the adapted layers and the lm_head; LoRA's own FLOPs are left out.
-
-The machine may be shared with other work: the 1-minute load average was {load_before:.1f} before and
-{load_after:.1f} after this run on {os.cpu_count()} cores (anything above the core count means the two
-frameworks were slowed, not necessarily equally). Closing the gap to torch is issue 7.
+The 1-minute load average was {load_before:.1f} before and {load_after:.1f} after this run on {os.cpu_count()} cores
+(above the core count, the frameworks were slowed, not necessarily equally: torch's OpenMP threads
+spin-wait and suffer most).
 """
     if not args.no_write:
-        write_section("train", "LoRA training: MLX vs torch + peft (CPU)", body)
+        section = args.section or ("train" if not gpu else "train-gpu")
+        title = ("LoRA training: MLX vs torch + peft (CPU)" if not gpu
+                 else "LoRA training on a GPU: MLX (mlx[cuda]) vs torch + peft (CUDA)")
+        write_section(section, title, body)
     print(body)
     emit(figures)
 

@@ -27,8 +27,10 @@ apt_install() {
 }
 
 if [ "$(uname -s)" = Linux ]; then
-  # MLX's bundled reference BLAS is ~30x slower than OpenBLAS at fp32 matmul.
+  # MLX's bundled reference BLAS is ~30x slower than OpenBLAS at fp32 matmul; BLIS serves the
+  # skinny matmuls of token-by-token decoding (mlx_distill/_skinny_blas.py). Both optional.
   apt_install libopenblas0-pthread
+  apt_install libblis4-pthread
   [ "$MODE" = --test ] && apt_install chromium
 fi
 

@@ -62,3 +62,19 @@ def test_generate_cli_writes_records_and_refuses_overwrite(tiny_model_dir: Path,
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 2 and "--overwrite" in again.output
     assert [json.loads(line) for line in out.read_text().splitlines()] == recs
+
+
+def test_the_garbage_collector_is_off_while_decoding_and_restored(tiny_model_dir: Path) -> None:
+    import gc
+
+    model, tok, _ = models.load(str(tiny_model_dir))
+    seen: list[bool] = []
+    assert gc.isenabled()
+    generate.generate_batch(model, tok, PROMPTS[:2], max_tokens=3, on_done=lambda i, c: seen.append(gc.isenabled()))
+    assert seen == [False, False] and gc.isenabled()
+    gc.disable()
+    try:  # a caller's own "off" is kept
+        generate.generate_batch(model, tok, PROMPTS[:1], max_tokens=2)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -50,8 +50,8 @@ class Checkpoint:
     state: dict[str, Any]
 
 
-def save_safetensors_atomic(path: str | Path, arrays: dict[str, Any]) -> Path:
-    """``mx.save_safetensors`` via a temp file in the same folder, then rename."""
+def save_safetensors_atomic(path: str | Path, arrays: dict[str, Any], metadata: dict[str, str] | None = None) -> Path:
+    """``mx.save_safetensors`` via a temp file in the same folder, fsync, then rename."""
     import mlx.core as mx
 
     p = Path(path)
@@ -59,7 +59,7 @@ def save_safetensors_atomic(path: str | Path, arrays: dict[str, Any]) -> Path:
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.stem}.", suffix=".safetensors")
     os.close(fd)
     try:
-        mx.save_safetensors(tmp, arrays)
+        mx.save_safetensors(tmp, arrays, metadata=metadata or {})
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, p)

@@ -21,6 +21,7 @@ from typing import Any
 
 from mlx_distill.errors import DistillError
 from mlx_distill.training.checkpoint import set_optimizer_leaves
+from mlx_distill.training.cpu_levers import cpu_levers
 from mlx_distill.training.losses import LossFn
 
 
@@ -52,32 +53,61 @@ class LoopResult:
     seconds: float = 0.0
 
 
+HEAD_CHUNK_ROWS = 256  # positions per lm_head + cross-entropy chunk under --grad-checkpoint
+
+
 @contextmanager
 def grad_checkpointing(model: Any, enabled: bool) -> Iterator[None]:
-    """mlx-lm's ``grad_checkpoint`` patches the layer *class*; undo it afterwards.
+    """Recompute activations in the backward pass: the layers' and the lm_head's.
 
-    Without the undo, every later model of that class in the process (the
+    mlx-lm's ``grad_checkpoint`` patches the layer *class*; it is undone
+    afterwards, or every later model of that class in the process (the
     pipeline's generation stage, other tests) would keep the patched call.
+    The lm_head and cross-entropy then run ``HEAD_CHUNK_ROWS`` positions at a
+    time (``fastops.chunked_head``): the (positions x vocab) logits, softmax
+    and gradient, ~750 MB at 4 x 320 tokens and 49,152 words, are never whole.
     """
     if not enabled:
         yield
         return
     from mlx_lm.tuner.trainer import grad_checkpoint
 
+    from mlx_distill.training.headce import chunked_head
+
     cls = type(model.layers[0])
     original = cls.__call__
     grad_checkpoint(model.layers[0])
     try:
-        yield
+        with chunked_head(HEAD_CHUNK_ROWS):
+            yield
     finally:
         cls.__call__ = original
 
 
-def make_step(model: Any, optimizer: Any, loss: LossFn, group: Any) -> Callable[..., Any]:
+def split_rows(batch: tuple[Any, ...], parts: int) -> list[tuple[Any, ...]]:
+    """Cut every array whose first axis is the batch's rows into ``parts`` contiguous slices.
+
+    4 rows in 2 parts: rows 0-1 and 2-3 (5 rows: 0-2 and 3-4). Arrays with
+    another first axis (none of ours so far) go whole to every part.
+    """
+    rows = batch[0].shape[0]
+    parts = max(1, min(parts, rows))
+    bounds = [rows * i // parts for i in range(parts + 1)]
+    return [tuple(x[a:b] if getattr(x, "ndim", 0) and x.shape[0] == rows else x for x in batch)
+            for a, b in zip(bounds, bounds[1:])]
+
+
+def make_step(model: Any, optimizer: Any, loss: LossFn, group: Any, streams: int = 1) -> Callable[..., Any]:
     """A compiled ``step(tokens, lengths, *extra) -> (loss, ntoks, metrics, tokens, grad_norm)``, all global.
 
     ``extra`` is whatever else the batch iterator yields (e.g. cached teacher
     log-probs for distillation); it is passed on to the loss untouched.
+
+    ``streams`` > 1 (CPU only, see ``cpu_levers``): the rows are split over
+    that many MLX CPU streams, each its own thread, and the parts' summed
+    objectives and gradients are added, exactly as the ranks of a
+    distributed run are; the update is the one a single stream would make
+    (to float rounding).
     """
     import mlx.core as mx
     import mlx.nn as nn
@@ -91,6 +121,26 @@ def make_step(model: Any, optimizer: Any, loss: LossFn, group: Any) -> Callable[
         return value * ntoks, (value, ntoks, metrics)
 
     value_and_grad = nn.value_and_grad(model, objective)
+    cpu_streams = [mx.new_stream(mx.cpu) for _ in range(streams)] if streams > 1 else []
+
+    def local_grads(*batch: Any) -> Any:
+        if not cpu_streams or batch[0].shape[0] < 2:
+            (_, (value, ntoks, metrics)), grads = value_and_grad(model, *batch)
+            return value, ntoks, metrics, grads
+        parts = []
+        for s, part in zip(cpu_streams, split_rows(batch, len(cpu_streams))):
+            with mx.stream(s):
+                parts.append(value_and_grad(model, *part))
+        ns = [p[0][1][1].astype(mx.float32) for p in parts]
+        n = sum(ns)
+        denom = mx.maximum(n, 1.0)
+        value = sum(p[0][1][0] * k for p, k in zip(parts, ns)) / denom
+        metrics = {name: sum(p[0][1][2][name] * k for p, k in zip(parts, ns)) / denom
+                   for name in parts[0][0][1][2]}
+        grads = parts[0][1]
+        for p in parts[1:]:
+            grads = tree_map(lambda a, b: a + b, grads, p[1])
+        return value, sum(p[0][1][1] for p in parts), metrics, grads
 
     def all_sum(x: Any) -> Any:
         return mx.distributed.all_sum(x, group=group) if world > 1 else x
@@ -99,7 +149,7 @@ def make_step(model: Any, optimizer: Any, loss: LossFn, group: Any) -> Callable[
 
     @partial(mx.compile, inputs=state, outputs=state)
     def step(*batch: Any) -> Any:
-        (_, (value, ntoks, metrics)), grads = value_and_grad(model, *batch)
+        value, ntoks, metrics, grads = local_grads(*batch)
         n = ntoks.astype(mx.float32)
         n_all = all_sum(n)
         denom = mx.maximum(n_all, 1.0)
@@ -140,14 +190,29 @@ def broadcast_state(model: Any, optimizer: Any, group: Any, step: int) -> int:
     return int(start.item())
 
 
+def compiled_eval_loss(model: Any, loss: LossFn) -> Callable[..., Any]:
+    """``loss(model, *batch)`` compiled with the weights as implicit inputs (not frozen constants).
+
+    The CPU fast ops are chains of ~20 elementwise ops that fuse into one loop
+    only under ``mx.compile``; run eagerly they would be slower than ``mx.exp``.
+    """
+    import mlx.core as mx
+
+    return partial(mx.compile, inputs=[model.state])(partial(loss, model))
+
+
 def evaluate(
     model: Any, dataset: Any, settings: LoopSettings, loss: LossFn, iterate_batches: Callable[..., Any],
-    group: Any,
+    group: Any, compiled: Callable[..., Any] | None = None,
 ) -> dict[str, float]:
-    """Token-weighted loss and metrics over the dataset (all of it unless ``val_batches``)."""
+    """Token-weighted loss and metrics over the dataset (all of it unless ``val_batches``).
+
+    ``compiled``: :func:`compiled_eval_loss` of the same model and loss, made once per run.
+    """
     import mlx.core as mx
 
     model.eval()
+    loss_of = compiled or partial(loss, model)
     total = mx.array(0.0)
     ntoks = mx.array(0.0)
     sums: dict[str, Any] = {}
@@ -156,7 +221,7 @@ def evaluate(
     for k, batch in enumerate(batches):
         if settings.val_batches >= 0 and k >= settings.val_batches:
             break
-        value, n, metrics = loss(model, *batch)
+        value, n, metrics = loss_of(*batch)
         n = n.astype(mx.float32)
         total = total + value * n
         ntoks = ntoks + n
@@ -192,11 +257,26 @@ def run_loop(
 
     ``write(record)`` receives every metrics.jsonl record (rank 0 writes it);
     ``checkpoint(step, state)`` saves and returns where (or None off rank 0).
+    On the CPU the levers of ``cpu_levers`` apply for the whole loop.
     """
+    with cpu_levers(model, rows=max(settings.batch_size // group.size(), 1), world=group.size()) as levers:
+        if (levers.fast_ops or levers.streams > 1) and group.rank() == 0:
+            echo(f"CPU levers: {levers.describe()}")
+        return _run_loop(model, optimizer, train_set, valid_set, settings, loss=loss,
+                         iterate_batches=iterate_batches, group=group, write=write, checkpoint=checkpoint,
+                         on_step=on_step, progress=progress, echo=echo, streams=levers.streams)
+
+
+def _run_loop(
+    model: Any, optimizer: Any, train_set: Any, valid_set: Any, settings: LoopSettings, *, loss: LossFn,
+    iterate_batches: Callable[..., Any], group: Any, write: Callable[[dict[str, Any]], None],
+    checkpoint: Callable[[int, dict[str, Any]], str | None], on_step: Callable[[dict[str, Any]], None] | None,
+    progress: bool, echo: Callable[[str], None], streams: int,
+) -> LoopResult:
     import mlx.core as mx
 
     s = settings
-    step_fn = make_step(model, optimizer, loss, group)
+    step_fn = make_step(model, optimizer, loss, group, streams=streams)
     rank0 = group.rank() == 0
     bar = _progress(s.total_steps, s.start_step, enabled=progress and rank0)
     result = LoopResult(steps=s.start_step, tokens=s.start_tokens)
@@ -206,10 +286,12 @@ def run_loop(
     def elapsed() -> float:
         return round(time.perf_counter() - t_start, 3)
 
+    eval_loss = compiled_eval_loss(model, loss)
+
     def validate(step: int) -> None:
         if valid_set is None:
             return
-        v = evaluate(model, valid_set, s, loss, iterate_batches, group)
+        v = evaluate(model, valid_set, s, loss, iterate_batches, group, compiled=eval_loss)
         result.val = v
         write({"type": "val", "step": step, "epoch": round(step / s.steps_per_epoch, 4), **_round(v),
                "time_s": elapsed()})

@@ -43,16 +43,47 @@ def loss_mask(lengths: Any, width: int) -> Any:
     return mx.logical_and(steps >= lengths[:, 0:1], steps < lengths[:, 1:])
 
 
-def lm_loss(model: Any, tokens: Any, lengths: Any) -> tuple[Any, Any, dict[str, Any]]:
-    """Masked next-token cross-entropy and token accuracy (argmax == target)."""
+def cross_entropy_and_hits(logits: Any, targets: Any) -> tuple[Any, Any]:
+    """(per-position cross-entropy, bool ``argmax == target``) over the last axis.
+
+    On the CPU both come from one pass of ``training.fastops`` (fast exp,
+    hand-written gradient; a target tied for the maximum counts as a hit);
+    elsewhere from mlx-lm's ``cross_entropy`` and an ``argmax``.
+    """
     import mlx.core as mx
     import mlx.nn as nn
 
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    logits = model(inputs)
-    mask = loss_mask(lengths, targets.shape[1])
+    from mlx_distill.training import fastops
+
+    if fastops.use_fast_ops():
+        return fastops.cross_entropy_and_hits(logits, targets)
+    return nn.losses.cross_entropy(logits, targets), mx.argmax(logits, axis=-1) == targets
+
+
+def lm_loss(model: Any, tokens: Any, lengths: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """Masked next-token cross-entropy and token accuracy (argmax == target)."""
+    targets = tokens[:, 1:]
+    return masked_lm_loss(model, tokens[:, :-1], targets, loss_mask(lengths, targets.shape[1]))
+
+
+def masked_lm_loss(model: Any, inputs: Any, targets: Any, mask: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """Mean cross-entropy over ``mask``'s positions, their count and the token accuracy.
+
+    Under ``--grad-checkpoint`` (``headce.head_chunk_rows()`` set) the lm_head
+    and cross-entropy run in chunks of rows, never holding the whole logits.
+    """
+    import mlx.core as mx
+
+    from mlx_distill.training import headce
+
     ntoks = mask.sum()
     denom = mx.maximum(ntoks, 1).astype(mx.float32)
-    ce = (nn.losses.cross_entropy(logits, targets) * mask).astype(mx.float32).sum() / denom
-    correct = mx.logical_and(mx.argmax(logits, axis=-1) == targets, mask).sum()
+    rows = headce.head_chunk_rows()
+    head = headce.head_of(model) if rows else None
+    if head is not None:
+        ce, hits = headce.head_cross_entropy_and_hits(model.model(inputs), head, targets, rows)
+    else:
+        ce, hits = cross_entropy_and_hits(model(inputs), targets)
+    ce = (ce * mask).astype(mx.float32).sum() / denom
+    correct = mx.logical_and(hits, mask).sum()
     return ce, ntoks, {"acc": correct.astype(mx.float32) / denom}
