@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import statistics
 from collections import Counter
 from collections.abc import Callable
@@ -121,19 +122,30 @@ def _check_record(obj: dict[str, Any], path: Path, lineno: int) -> tuple[str, st
 def trim_truncated(text: str, min_keep: float = 0.4) -> str | None:
     """A cut-off answer trimmed back to a clean end, or None if too little is left.
 
-    An unclosed code fence is cut off before it opens; then the unfinished last
-    paragraph goes. The result ends at a paragraph boundary, so a student trained
-    on it learns to end answers cleanly rather than mid-sentence. ``None`` when
-    less than ``min_keep`` of the text (by characters) would remain.
+    An unclosed code fence keeps the complete top-level blocks of its code (up
+    to the last line that starts at column 0 after a blank line: the block
+    before it has ended) and is closed; with none, it is cut off before it
+    opens. Outside code, the unfinished last paragraph goes. The result ends
+    at a paragraph or block boundary, so a student trained on it learns to end
+    answers cleanly rather than mid-sentence. ``None`` when less than
+    ``min_keep`` of the text (by characters) would remain.
     """
     body = text.rstrip()
-    fences = [i for i in range(len(body)) if body.startswith("```", i) and (i == 0 or body[i - 1] == "\n")]
+    fences = [m.start() for m in re.finditer(r"(?m)^```", body)]
     if len(fences) % 2 == 1:
-        body = body[: fences[-1]].rstrip()
-    cut = body.rfind("\n\n")
-    if cut > 0 and not body.endswith("```"):
-        body = body[:cut].rstrip()
-    if body.count("```") % 2 == 1 or len(body) < min_keep * len(text.strip()) or not body:
+        start = fences[-1]
+        code = body[start:]
+        first_line = code.find("\n")
+        cuts = [m.start() for m in re.finditer(r"\n\n(?=\S)", code) if m.start() > first_line > 0]
+        if cuts and code[: cuts[-1]].strip() != code[:first_line].strip():
+            body = body[:start] + code[: cuts[-1]].rstrip() + "\n```"
+        else:
+            body = body[:start].rstrip()
+    if not body.endswith("```"):
+        cut = body.rfind("\n\n")
+        if cut > 0:
+            body = body[:cut].rstrip()
+    if not body or body.count("```") % 2 == 1 or len(body) < min_keep * len(text.strip()):
         return None
     return body
 

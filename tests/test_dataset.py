@@ -206,6 +206,10 @@ def test_trim_truncated_ends_at_a_clean_boundary() -> None:
     assert trim_truncated("Para one is long enough to keep.\n\nPara two is cut mid-sen") == (
         "Para one is long enough to keep.")
     assert trim_truncated("```python\ndef f(): retu") is None  # nothing complete is left
+    # Cut inside one long code block: its complete top-level blocks stay, and the fence is closed.
+    code = "```python\nimport os\n\ndef f():\n    return 1\n\ndef g():\n    x = 1\n\n    return x\n\ndef h():\n    re"
+    assert trim_truncated(code) == "```python\nimport os\n\ndef f():\n    return 1\n\ndef g():\n    x = 1\n\n    return x\n```"
+    assert trim_truncated("```python\nimport os\n\nclass C:\n    def a(self):\n        return 1\n    def b") is None
 
 
 def test_keep_truncated_keeps_trimmed_answers(tmp_path: Path) -> None:

@@ -83,6 +83,20 @@ def test_charts_follow_the_metrics(tmp_path: Path) -> None:
     assert [e for e, _ in after["epochs"]] == [1, 2]
 
 
+def test_kd_runs_plot_ce_and_kl_separately(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run")
+    rows = visuals.read_jsonl(run.metrics)
+    plain = visuals.draw_training_curves(rows, run.visuals / "sft.png")
+    assert "train_kl" not in plain and "train_ce" not in plain
+    for k, r in enumerate(x for x in rows if x.get("type") == "train"):
+        r["ce"], r["kl"] = r["loss"] * 0.8, 0.1 + 0.01 * k
+    kd = visuals.draw_training_curves(rows, run.visuals / "kd.png")
+    train = [r for r in rows if r.get("type") == "train"]
+    assert kd["train_kl"] == [r["kl"] for r in train] and kd["train_ce"] == [r["ce"] for r in train]
+    _not_blank(run.visuals / "kd.png")
+    assert (run.visuals / "kd.png").read_bytes() != (run.visuals / "sft.png").read_bytes()
+
+
 def test_scorecard_follows_scores_and_says_when_no_judge(tmp_path: Path) -> None:
     d1 = visuals.draw_scorecard(_scores(4.2, 7.0), tmp_path / "s1.png")
     d2 = visuals.draw_scorecard(_scores(3.0, 5.5), tmp_path / "s2.png")
