@@ -313,7 +313,8 @@ def prepare(
         present = {r["id"] for r in splits["test"]}
         missing = len(held_ids - present)
         if missing:
-            notes.append(f"{missing} of {len(held_ids)} held-out ids have no usable teacher answer")
+            notes.append(f"{missing} of {len(held_ids)} held-out prompts have no usable teacher answer in "
+                         f"{cfg.teacher_data}, so test.jsonl leaves them out (they are never trained on either way)")
     lengths = None
     if cfg.student:
         lengths = length_stats(splits, tokenizer_loader(cfg.student), cfg.max_seq_length)

@@ -239,8 +239,12 @@ class Pipeline:
     def do_prepare(self) -> None:
         from mlx_distill.dataset import PrepareConfig, prepare
 
+        from mlx_distill.train import TrainConfig
+
         cfg = self.section(PrepareConfig, "prepare", teacher_data=str(self.run.teacher_data), out=str(self.run.data),
                            held_out=str(self.run.heldout), student=self.cfg.student, overwrite=True)
+        if "max_seq_length" not in (self.cfg.sections.get("prepare") or {}):  # report against train's limit
+            cfg = replace(cfg, max_seq_length=self.section(TrainConfig, "train").max_seq_length)
 
         self.stage("prepare", cfg, [self.run.teacher_data, self.run.heldout], lambda resume: prepare(cfg, echo=self.echo))
 
