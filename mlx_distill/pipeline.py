@@ -238,7 +238,6 @@ class Pipeline:
 
     def do_prepare(self) -> None:
         from mlx_distill.dataset import PrepareConfig, prepare
-
         from mlx_distill.train import TrainConfig
 
         cfg = self.section(PrepareConfig, "prepare", teacher_data=str(self.run.teacher_data), out=str(self.run.data),

@@ -11,8 +11,7 @@ with the same thread count, so its peak RSS is its own; warm-up steps
 Ways (``--ways``):
 
 * ``mlx``: the trainer as users get it (``training.loop.run_loop``: the CPU
-  levers of ``training.cpu_levers`` apply on a CPU: fast exp ops, native JIT,
-  malloc tuning, one MLX stream per core).
+  levers of ``training.cpu_levers`` apply on a CPU: fast exp ops, native JIT).
 * ``mlx-plain``: the same trainer with every CPU lever switched off by its
   environment variable: the "before" of docs/benchmarks.md.
 * ``mlx-gc``: ``mlx`` with ``--grad-checkpoint`` (the RSS figure).
@@ -54,11 +53,8 @@ MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 LEVER_ENV = {"fastops": ("MLX_DISTILL_FAST_OPS", "0"), "native": ("MLX_DISTILL_NATIVE_JIT", "0"),
              "skinny": ("MLX_DISTILL_SKINNY_BLAS", "0")}
 LEVERS_OFF = dict(LEVER_ENV.values())
-# Opt-in levers (off by default: no measured gain), as extra ways "mlx-with-<lever>".
-OPT_IN = {"streams": ("MLX_DISTILL_CPU_STREAMS", "auto"), "malloc": ("MLX_DISTILL_MALLOC", "1")}
 # "mlx-no-<lever>": the trainer with one lever switched off (the ablation rows of the docs).
-WAYS = ["mlx", "mlx-plain", "mlx-gc", "torch", *(f"mlx-no-{k}" for k in LEVER_ENV),
-        *(f"mlx-with-{k}" for k in OPT_IN)]
+WAYS = ["mlx", "mlx-plain", "mlx-gc", "torch", *(f"mlx-no-{k}" for k in LEVER_ENV)]
 SHAPES = {
     # SmolLM2-135M (the demo student) and Qwen2.5-0.5B, llama-family layouts.
     "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, intermediate_size=1536, num_attention_heads=9,
@@ -383,8 +379,7 @@ def main() -> None:
             else:
                 extra = ["--grad-checkpoint"] if way == "mlx-gc" else []
                 off = LEVERS_OFF if way == "mlx-plain" else (
-                    dict([LEVER_ENV[way[len("mlx-no-"):]]]) if way.startswith("mlx-no-") else
-                    dict([OPT_IN[way[len("mlx-with-"):]]]) if way.startswith("mlx-with-") else {})
+                    dict([LEVER_ENV[way[len("mlx-no-"):]]]) if way.startswith("mlx-no-") else {})
                 res = run_worker("mlx", common + extra, {**env, **off})
             s = summarise(res, args.warmup)
             rounds[way].append(s)
@@ -432,8 +427,7 @@ def main() -> None:
     names = {"mlx": "MLX, mlx-distill trainer (CPU levers on)" if not gpu else "MLX (mlx[cuda]), mlx-distill trainer",
              "mlx-plain": "MLX, same trainer, CPU levers off", "mlx-gc": "MLX, levers on + --grad-checkpoint",
              "torch": "torch + peft (eager)",
-             **{f"mlx-no-{k}": f"MLX, levers on except {k} (`{e}={v}`)" for k, (e, v) in LEVER_ENV.items()},
-             **{f"mlx-with-{k}": f"MLX, levers on + opt-in {k} (`{e}={v}`)" for k, (e, v) in OPT_IN.items()}}
+             **{f"mlx-no-{k}": f"MLX, levers on except {k} (`{e}={v}`)" for k, (e, v) in LEVER_ENV.items()}}
     unit = "GPU memory (peak allocated)" if gpu else "peak RSS (own process)"
     rows = "\n".join(
         f"| {names[w]} | {s['tok_per_s']:.1f} | {s['min_tok_per_s']:.1f}-{s['max_tok_per_s']:.1f} | "

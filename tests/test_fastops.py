@@ -14,7 +14,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models import activations, base, llama
 
 from mlx_distill.training import cpu_levers, fastops
-from mlx_distill.training.loop import make_step, split_rows
+from mlx_distill.training.loop import make_step
 from mlx_distill.training.losses import lm_loss
 
 
@@ -159,7 +159,7 @@ def _batch() -> tuple[mx.array, mx.array]:
     return tokens, lengths
 
 
-def _train(streams: int, fast: bool, steps: int = 3) -> tuple[list[float], dict[str, np.ndarray]]:
+def _train(fast: bool, steps: int = 3) -> tuple[list[float], dict[str, np.ndarray]]:
     import mlx.optimizers as optim
 
     model = _lora_model()
@@ -167,7 +167,7 @@ def _train(streams: int, fast: bool, steps: int = 3) -> tuple[list[float], dict[
     opt.init(model.trainable_parameters())
     losses = []
     with fastops.fast_cpu_ops(model, enabled=fast):
-        step = make_step(model, opt, lm_loss, mx.distributed.init(), streams=streams)
+        step = make_step(model, opt, lm_loss, mx.distributed.init())
         for _ in range(steps):
             value, *_ = step(*_batch())
             mx.eval(model.state, opt.state)
@@ -175,53 +175,14 @@ def _train(streams: int, fast: bool, steps: int = 3) -> tuple[list[float], dict[
     return losses, {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())}
 
 
-def test_two_cpu_streams_make_the_same_update_as_one() -> None:
-    l1, w1 = _train(streams=1, fast=True)
-    l2, w2 = _train(streams=2, fast=True)
-    np.testing.assert_allclose(l2, l1, rtol=1e-5)
-    assert any(np.abs(v).max() > 1e-4 for k, v in w1.items() if k.endswith("lora_b"))  # it trained
-    for k in w1:
-        np.testing.assert_allclose(w2[k], w1[k], rtol=1e-4, atol=1e-6, err_msg=k)
-
-
 def test_fast_ops_train_like_mlx_ops(monkeypatch: pytest.MonkeyPatch) -> None:
-    lf, wf = _train(streams=1, fast=True)
+    lf, wf = _train(fast=True)
+    assert any(np.abs(v).max() > 1e-4 for k, v in wf.items() if k.endswith("lora_b"))  # it trained
     monkeypatch.setenv(fastops.ENV, "0")  # lm_loss's cross-entropy follows the switch too
-    ls, ws = _train(streams=1, fast=False)
+    ls, ws = _train(fast=False)
     np.testing.assert_allclose(lf, ls, rtol=1e-4)
     for k in ws:
         np.testing.assert_allclose(wf[k], ws[k], rtol=1e-3, atol=1e-5, err_msg=k)
-
-
-def test_split_rows_cuts_batch_arrays_only() -> None:
-    tokens, lengths = mx.zeros((5, 7)), mx.zeros((5, 2))
-    other = mx.zeros((3,))
-    parts = split_rows((tokens, lengths, other), 2)
-    assert [p[0].shape[0] for p in parts] == [2, 3]
-    assert all(p[2].shape == (3,) for p in parts)
-    assert len(split_rows((tokens,), 8)) == 5  # never an empty part
-
-
-def test_cpu_streams_are_opt_in_and_follow_rows_cores_and_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(cpu_levers.STREAMS_ENV, raising=False)
-    assert cpu_levers.cpu_streams(4) == 1  # off by default: measured no gain
-    monkeypatch.setenv(cpu_levers.STREAMS_ENV, "auto")
-    cores = len(os.sched_getaffinity(0))
-    assert cpu_levers.cpu_streams(1) == 1
-    assert cpu_levers.cpu_streams(4) == min(4, cores)
-    assert cpu_levers.cpu_streams(4, world=cores) == 1
-    monkeypatch.setenv(cpu_levers.STREAMS_ENV, "3")
-    assert cpu_levers.cpu_streams(2) == 2 and cpu_levers.cpu_streams(8) == 3
-
-
-def test_blas_threads_are_restored() -> None:
-    lib = cpu_levers._openblas()
-    if lib is None:
-        pytest.skip("no OpenBLAS here")
-    before = lib.openblas_get_num_threads()
-    with cpu_levers.blas_threads(1) as old:
-        assert old == before and lib.openblas_get_num_threads() == 1
-    assert lib.openblas_get_num_threads() == before
 
 
 def test_native_jit_restores_the_environment_and_gives_the_same_numbers(tmp_path: Path,
@@ -248,20 +209,10 @@ def test_native_jit_restores_the_environment_and_gives_the_same_numbers(tmp_path
         assert not applied
 
 
-def test_tune_malloc_is_opt_in_and_idempotent(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cpu_levers, "_malloc_state", {})
-    monkeypatch.delenv(cpu_levers.MALLOC_ENV, raising=False)
-    assert cpu_levers.tune_malloc() is False  # off by default (more RSS, no measured gain)
-    monkeypatch.setattr(cpu_levers, "_malloc_state", {})
-    monkeypatch.setenv(cpu_levers.MALLOC_ENV, "1")
-    first = cpu_levers.tune_malloc()
-    assert first is True and cpu_levers.tune_malloc() is first
-
-
 def test_levers_are_off_when_disabled() -> None:
     model = _tiny()
-    with cpu_levers.cpu_levers(model, rows=4, enabled=False) as lv:
-        assert (lv.fast_ops, lv.native_jit, lv.streams) == (False, False, 1)
+    with cpu_levers.cpu_levers(model, enabled=False) as lv:
+        assert (lv.fast_ops, lv.native_jit) == (False, False)
         assert lv.describe() == "none"
 
 

@@ -84,30 +84,11 @@ def grad_checkpointing(model: Any, enabled: bool) -> Iterator[None]:
         cls.__call__ = original
 
 
-def split_rows(batch: tuple[Any, ...], parts: int) -> list[tuple[Any, ...]]:
-    """Cut every array whose first axis is the batch's rows into ``parts`` contiguous slices.
-
-    4 rows in 2 parts: rows 0-1 and 2-3 (5 rows: 0-2 and 3-4). Arrays with
-    another first axis (none of ours so far) go whole to every part.
-    """
-    rows = batch[0].shape[0]
-    parts = max(1, min(parts, rows))
-    bounds = [rows * i // parts for i in range(parts + 1)]
-    return [tuple(x[a:b] if getattr(x, "ndim", 0) and x.shape[0] == rows else x for x in batch)
-            for a, b in zip(bounds, bounds[1:])]
-
-
-def make_step(model: Any, optimizer: Any, loss: LossFn, group: Any, streams: int = 1) -> Callable[..., Any]:
+def make_step(model: Any, optimizer: Any, loss: LossFn, group: Any) -> Callable[..., Any]:
     """A compiled ``step(tokens, lengths, *extra) -> (loss, ntoks, metrics, tokens, grad_norm)``, all global.
 
     ``extra`` is whatever else the batch iterator yields (e.g. cached teacher
     log-probs for distillation); it is passed on to the loss untouched.
-
-    ``streams`` > 1 (CPU only, see ``cpu_levers``): the rows are split over
-    that many MLX CPU streams, each its own thread, and the parts' summed
-    objectives and gradients are added, exactly as the ranks of a
-    distributed run are; the update is the one a single stream would make
-    (to float rounding).
     """
     import mlx.core as mx
     import mlx.nn as nn
@@ -121,26 +102,6 @@ def make_step(model: Any, optimizer: Any, loss: LossFn, group: Any, streams: int
         return value * ntoks, (value, ntoks, metrics)
 
     value_and_grad = nn.value_and_grad(model, objective)
-    cpu_streams = [mx.new_stream(mx.cpu) for _ in range(streams)] if streams > 1 else []
-
-    def local_grads(*batch: Any) -> Any:
-        if not cpu_streams or batch[0].shape[0] < 2:
-            (_, (value, ntoks, metrics)), grads = value_and_grad(model, *batch)
-            return value, ntoks, metrics, grads
-        parts = []
-        for s, part in zip(cpu_streams, split_rows(batch, len(cpu_streams))):
-            with mx.stream(s):
-                parts.append(value_and_grad(model, *part))
-        ns = [p[0][1][1].astype(mx.float32) for p in parts]
-        n = sum(ns)
-        denom = mx.maximum(n, 1.0)
-        value = sum(p[0][1][0] * k for p, k in zip(parts, ns)) / denom
-        metrics = {name: sum(p[0][1][2][name] * k for p, k in zip(parts, ns)) / denom
-                   for name in parts[0][0][1][2]}
-        grads = parts[0][1]
-        for p in parts[1:]:
-            grads = tree_map(lambda a, b: a + b, grads, p[1])
-        return value, sum(p[0][1][1] for p in parts), metrics, grads
 
     def all_sum(x: Any) -> Any:
         return mx.distributed.all_sum(x, group=group) if world > 1 else x
@@ -149,7 +110,7 @@ def make_step(model: Any, optimizer: Any, loss: LossFn, group: Any, streams: int
 
     @partial(mx.compile, inputs=state, outputs=state)
     def step(*batch: Any) -> Any:
-        value, ntoks, metrics, grads = local_grads(*batch)
+        (_, (value, ntoks, metrics)), grads = value_and_grad(model, *batch)
         n = ntoks.astype(mx.float32)
         n_all = all_sum(n)
         denom = mx.maximum(n_all, 1.0)
@@ -259,24 +220,24 @@ def run_loop(
     ``checkpoint(step, state)`` saves and returns where (or None off rank 0).
     On the CPU the levers of ``cpu_levers`` apply for the whole loop.
     """
-    with cpu_levers(model, rows=max(settings.batch_size // group.size(), 1), world=group.size()) as levers:
-        if (levers.fast_ops or levers.streams > 1) and group.rank() == 0:
+    with cpu_levers(model) as levers:
+        if (levers.fast_ops or levers.native_jit) and group.rank() == 0:
             echo(f"CPU levers: {levers.describe()}")
         return _run_loop(model, optimizer, train_set, valid_set, settings, loss=loss,
                          iterate_batches=iterate_batches, group=group, write=write, checkpoint=checkpoint,
-                         on_step=on_step, progress=progress, echo=echo, streams=levers.streams)
+                         on_step=on_step, progress=progress, echo=echo)
 
 
 def _run_loop(
     model: Any, optimizer: Any, train_set: Any, valid_set: Any, settings: LoopSettings, *, loss: LossFn,
     iterate_batches: Callable[..., Any], group: Any, write: Callable[[dict[str, Any]], None],
     checkpoint: Callable[[int, dict[str, Any]], str | None], on_step: Callable[[dict[str, Any]], None] | None,
-    progress: bool, echo: Callable[[str], None], streams: int,
+    progress: bool, echo: Callable[[str], None],
 ) -> LoopResult:
     import mlx.core as mx
 
     s = settings
-    step_fn = make_step(model, optimizer, loss, group, streams=streams)
+    step_fn = make_step(model, optimizer, loss, group)
     rank0 = group.rank() == 0
     bar = _progress(s.total_steps, s.start_step, enabled=progress and rank0)
     result = LoopResult(steps=s.start_step, tokens=s.start_tokens)
