@@ -28,6 +28,7 @@ from typing import Any
 from mlx_distill.errors import ConfigError
 from mlx_distill.files import (
     JsonlAppender,
+    atomic_path,
     iter_jsonl,
     repair_torn_tail,
     write_json_atomic,
@@ -54,19 +55,9 @@ def save_safetensors_atomic(path: str | Path, arrays: dict[str, Any], metadata: 
     """``mx.save_safetensors`` via a temp file in the same folder, fsync, then rename."""
     import mlx.core as mx
 
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.stem}.", suffix=".safetensors")
-    os.close(fd)
-    try:
-        mx.save_safetensors(tmp, arrays, metadata=metadata or {})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
+    with atomic_path(path, suffix=".safetensors") as tmp:  # the suffix keeps MLX from adding one
+        mx.save_safetensors(str(tmp), arrays, metadata=metadata or {})
+    return Path(path)
 
 
 def trainable_weights(model: Any) -> dict[str, Any]:
