@@ -1,23 +1,31 @@
 """Send MLX's skinny fp32 matmuls (a few rows: token-by-token decoding) to BLIS, the rest to OpenBLAS.
 
 Why: OpenBLAS 0.3.21 packs (copies) the whole weight matrix on every
-``sgemm`` call. Decoding 8 sequences multiplies 8 rows by every weight matrix
-of the model, so each step copies all 540 MB of the fp32 demo model before
-using it: in a perf profile of batched generation, 47% of the time was
-``sgemm_incopy`` and 13% the multiply itself. BLIS (Debian
-``libblis4-pthread``) has unpacked kernels for skinny shapes. Measured on
-this 2-core box, 8 rows x 576 @ 576 x 1536: 0.66 ms -> 0.37 ms; the 49,152-word
-lm_head: 47.8 ms -> 16.9 ms. For big matmuls (training, prompt prefill)
-Debian's BLIS is ~2x slower than OpenBLAS (1024^3: 19 -> 32 ms), so each
-call goes to the faster library by its row count.
+``sgemm`` call. Decoding 8 sequences multiplies 8 rows by every weight
+matrix, so for a big matrix the copy costs more than the multiply: in a perf
+profile of 8 rows by SmolLM2's 49,152-word lm_head, 48% of the time was
+``sgemm_incopy``. BLIS (Debian ``libblis4-pthread``) has unpacked kernels
+for skinny shapes. Measured on this 2-core box (2026-11-28, ms per call,
+OpenBLAS -> BLIS, 8 rows): by the 49,152 x 576 lm_head 15.8 -> 7.2; by
+1536 x 1536 0.76 -> 0.51; by 1536 x 576 0.30 -> 0.38 (small weights:
+OpenBLAS is faster alone). In the decode loop (embedded model, 8 prompts,
+160 tokens, two rounds) all skinny calls to BLIS gave 58.2 and 58.0 tok/s
+on 27.7 CPU-seconds, only the big weights to BLIS 57.0 and 53.7 tok/s,
+none 57.4 and 55.9 tok/s on 40.6 CPU-seconds: between calls OpenBLAS's idle
+threads spin, BLIS's sleep. So every call with at most
+``MLX_DISTILL_SKINNY_ROWS`` rows (default 32) goes to BLIS. For big matmuls
+(training, prompt prefill) Debian's BLIS is ~2x slower than OpenBLAS.
 
 How: MLX calls ``cblas_sgemm`` from whichever library defined it first in the
-process. A 30-line C shim that defines only ``cblas_sgemm`` is compiled once
+process. A short C shim that defines only ``cblas_sgemm`` is compiled once
 (``gcc``, cached under ``$MLX_DISTILL_HOME/blas``) and loaded with
-``RTLD_GLOBAL`` just before OpenBLAS; it forwards calls with at most
-``MLX_DISTILL_SKINNY_ROWS`` rows (default 32) to BLIS (loaded privately,
-``RTLD_LOCAL``, with one thread per core) and all others, and every other
-BLAS/LAPACK symbol, to OpenBLAS. Without BLIS or a C compiler nothing
+``RTLD_GLOBAL`` just before OpenBLAS; it forwards the skinny calls to BLIS
+and all others, and every other BLAS/LAPACK symbol, to OpenBLAS. BLIS is
+loaded privately with ``RTLD_DEEPBIND`` and one thread per core: BLIS's
+``cblas_sgemm`` calls its own ``sgemm_``, and without DEEPBIND that name
+would bind to OpenBLAS's global one, so every "BLIS" call ran OpenBLAS
+(as it did before 2026-11-28; ``tests/test_perf_blas.py`` checks the
+binding). Without BLIS, a C compiler or glibc's ``RTLD_DEEPBIND`` nothing
 changes. ``MLX_DISTILL_SKINNY_BLAS=0`` turns it off.
 """
 
@@ -39,10 +47,14 @@ BLIS_CANDIDATES = (
 ENV = "MLX_DISTILL_SKINNY_BLAS"
 
 SOURCE = r"""
+#define _GNU_SOURCE
 #include <dlfcn.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <unistd.h>
+#ifndef RTLD_DEEPBIND
+#error "BLIS would call OpenBLAS's sgemm_ without RTLD_DEEPBIND (glibc only)"
+#endif
 
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float*, int, const float*, int, float,
                          float*, int);
@@ -55,7 +67,7 @@ static void init(void) {
   void* big = dlopen(BIG_PATH, RTLD_NOW | RTLD_NOLOAD);
   if (!big) big = dlopen(BIG_PATH, RTLD_NOW | RTLD_GLOBAL);
   if (big) big_fn = (sgemm_fn)dlsym(big, "cblas_sgemm");
-  void* small = dlopen(SMALL_PATH, RTLD_NOW | RTLD_LOCAL);
+  void* small = dlopen(SMALL_PATH, RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND);
   if (small) {
     small_fn = (sgemm_fn)dlsym(small, "cblas_sgemm");
     void (*threads)(long) = (void (*)(long))dlsym(small, "bli_thread_set_num_threads");

@@ -15,11 +15,12 @@ from mlx_distill import _skinny_blas
 
 def test_matmuls_of_every_row_count_match_numpy() -> None:
     rng = np.random.default_rng(0)
-    for m in (1, 8, 32, 33, 200):  # both sides of the 32-row switch
-        a = rng.standard_normal((m, 96)).astype(np.float32)
-        w = rng.standard_normal((130, 96)).astype(np.float32)
-        got = np.array(mx.array(a) @ mx.array(w).T)
-        np.testing.assert_allclose(got, a @ w.T, rtol=1e-4, atol=1e-4, err_msg=f"{m} rows")
+    for n, k in ((130, 96), (1100, 960)):  # a small and a big weight
+        w = rng.standard_normal((n, k)).astype(np.float32)
+        for m in (1, 8, 32, 33, 200):  # both sides of the 32-row switch
+            a = rng.standard_normal((m, k)).astype(np.float32)
+            got = np.array(mx.array(a) @ mx.array(w).T)
+            np.testing.assert_allclose(got, a @ w.T, rtol=1e-4, atol=2e-4, err_msg=f"{m} rows, {n}x{k}")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
@@ -44,3 +45,19 @@ def test_it_can_be_turned_off() -> None:
                          env={**os.environ, _skinny_blas.ENV: "0"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["None", "False"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
+def test_blis_runs_its_own_sgemm_not_openblas() -> None:
+    """BLIS's cblas_sgemm calls ``sgemm_``; bound to OpenBLAS's global one, "BLIS" would be OpenBLAS."""
+    if _skinny_blas.blis_path() is None or _skinny_blas._state.get("path") is None:
+        pytest.skip("no BLIS shim here (Debian: apt-get install libblis4-pthread; needs a C compiler)")
+    code = "import mlx_distill, mlx.core as mx; mx.eval(mx.ones((8, 576)) @ mx.ones((2048, 576)).T)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "LD_DEBUG": "bindings"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    blis = _skinny_blas.blis_path()
+    sgemm = [line.split("binding file ", 1)[1] for line in out.stderr.splitlines()
+             if f"binding file {blis} " in line and "symbol `sgemm_'" in line]
+    assert sgemm, "BLIS's sgemm_ binding not seen (was BLIS loaded?)"
+    assert all(f" to {blis} " in line for line in sgemm), sgemm
