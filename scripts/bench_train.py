@@ -11,7 +11,8 @@ with the same thread count, so its peak RSS is its own; warm-up steps
 Ways (``--ways``):
 
 * ``mlx``: the trainer as users get it (``training.loop.run_loop``: the CPU
-  levers of ``training.cpu_levers`` apply on a CPU: fast exp ops, native JIT).
+  levers of ``training.cpu_levers`` apply on a CPU: fast exp ops, native JIT,
+  the lm_head + cross-entropy in chunks).
 * ``mlx-plain``: the same trainer with every CPU lever switched off by its
   environment variable: the "before" of docs/benchmarks.md.
 * ``mlx-gc``: ``mlx`` with ``--grad-checkpoint`` (the RSS figure).
@@ -51,7 +52,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT))
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LEVER_ENV = {"fastops": ("MLX_DISTILL_FAST_OPS", "0"), "native": ("MLX_DISTILL_NATIVE_JIT", "0"),
-             "skinny": ("MLX_DISTILL_SKINNY_BLAS", "0")}
+             "skinny": ("MLX_DISTILL_SKINNY_BLAS", "0"), "chunkedhead": ("MLX_DISTILL_CHUNKED_HEAD", "0")}
 LEVERS_OFF = dict(LEVER_ENV.values())
 # "mlx-no-<lever>": the trainer with one lever switched off (the ablation rows of the docs).
 WAYS = ["mlx", "mlx-plain", "mlx-gc", "torch", *(f"mlx-no-{k}" for k in LEVER_ENV)]

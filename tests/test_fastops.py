@@ -212,8 +212,60 @@ def test_native_jit_restores_the_environment_and_gives_the_same_numbers(tmp_path
 def test_levers_are_off_when_disabled() -> None:
     model = _tiny()
     with cpu_levers.cpu_levers(model, enabled=False) as lv:
-        assert (lv.fast_ops, lv.native_jit) == (False, False)
+        assert (lv.fast_ops, lv.native_jit, lv.chunked_head) == (False, False, False)
         assert lv.describe() == "none"
+
+
+def test_the_cpu_levers_chunk_the_head_of_a_frozen_head_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlx_distill.training import headce
+
+    model = _lora_model()
+    with cpu_levers.cpu_levers(model, enabled=True) as lv:
+        assert lv.chunked_head and "chunked lm_head" in lv.describe()
+        assert headce.head_chunk_rows() == headce.CHUNK_ROWS
+    assert headce.head_chunk_rows() is None
+    with headce.chunked_head(16), cpu_levers.cpu_levers(model, enabled=True) as lv:  # --grad-checkpoint's
+        assert lv.chunked_head and headce.head_chunk_rows() == 16
+    monkeypatch.setenv(cpu_levers.CHUNKED_HEAD_ENV, "0")
+    with cpu_levers.cpu_levers(model, enabled=True) as lv:
+        assert not lv.chunked_head and headce.head_chunk_rows() is None
+
+
+def test_a_trainable_head_is_never_chunked() -> None:
+    """The chunked op gives the head no gradient, so a trainable head keeps the whole logits."""
+    from mlx_distill.training import headce
+
+    model = _lora_model()
+    model.model.embed_tokens.unfreeze()
+    assert headce.head_of(model) is None
+    with cpu_levers.cpu_levers(model, enabled=True) as lv:
+        assert not lv.chunked_head and headce.head_chunk_rows() is None
+
+
+def test_chunks_run_one_after_another_so_peak_memory_follows_the_chunk() -> None:
+    """MLX runs independent chunks side by side; the chunk-by-chunk dependency bounds the peak."""
+    from mlx_distill.training import headce
+
+    n, d, V = 512, 64, 8192  # whole logits: 16 MB; a chunk of 32 rows: 1 MB
+    h = mx.random.normal((n, d), key=mx.random.key(0)) * 0.1
+    w = mx.random.normal((V, d), key=mx.random.key(1)) * 0.1
+    t = mx.random.randint(0, V, (n,), key=mx.random.key(2))
+    mx.eval(h, w, t)
+
+    def peak(rows: int | None) -> float:
+        if rows is None:
+            fn = mx.grad(lambda h: fastops.cross_entropy(h @ w.T, t).sum())
+        else:
+            fn = mx.grad(lambda h: headce.head_cross_entropy_and_hits(h, w, t, rows)[0].sum())
+        fn = mx.compile(fn)
+        mx.eval(fn(h))  # compiled once
+        base = mx.get_active_memory()
+        mx.reset_peak_memory()
+        mx.eval(fn(h))
+        return mx.get_peak_memory() - base
+
+    whole, chunked = peak(None), peak(32)
+    assert chunked < 0.25 * whole, (chunked, whole)
 
 
 def test_chunked_head_gives_the_loss_and_gradient_of_the_whole_logits() -> None:

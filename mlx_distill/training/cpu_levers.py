@@ -7,6 +7,10 @@ Measured on the 2-core x86 box of docs/benchmarks.md, one training step of
   this CPU instead of 2003's SSE2 (the fast ops' exp chain: 4.0 -> 1.0 ns an
   element; the step: 19.4 -> 15.1 s of CPU).
 * ``fastops.fast_cpu_ops``: the multiply-add exp and fused losses.
+* ``headce.chunked_head``: the lm_head + cross-entropy in chunks of 64
+  positions, as under ``--grad-checkpoint`` (peak RSS 3.19 -> 2.4 GB at the
+  same speed: the big logits buffers' page faults cost what the recomputed
+  chunk matmuls add).
 
 Tried and removed (docs/benchmarks.md, "Performance levers"): glibc malloc
 tuning with ``mallopt`` (84.5 vs 82.0 tok/s, within noise, and 1 GB more RSS)
@@ -31,6 +35,7 @@ from typing import Any
 from mlx_distill.training.fastops import fast_cpu_ops
 
 NATIVE_ENV = "MLX_DISTILL_NATIVE_JIT"  # "0": keep MLX's own compiler flags
+CHUNKED_HEAD_ENV = "MLX_DISTILL_CHUNKED_HEAD"  # "0": whole logits unless --grad-checkpoint
 
 
 def _off(env: str) -> bool:
@@ -122,9 +127,11 @@ class Levers:
 
     fast_ops: bool = False
     native_jit: bool = False
+    chunked_head: bool = False
 
     def describe(self) -> str:
-        on = [name for name, v in (("fast CPU ops", self.fast_ops), ("native JIT", self.native_jit)) if v]
+        on = [name for name, v in (("fast CPU ops", self.fast_ops), ("native JIT", self.native_jit),
+                                   ("chunked lm_head", self.chunked_head)) if v]
         return ", ".join(on) if on else "none"
 
 
@@ -133,13 +140,19 @@ def cpu_levers(model: Any, enabled: bool | None = None) -> Iterator[Levers]:
     """Apply every CPU lever for training ``model``; undone on exit.
 
     Off the CPU (Metal, CUDA) nothing is applied and mlx-lm's own path runs.
-    Each lever also has its own switch: ``MLX_DISTILL_FAST_OPS=0`` and
-    ``MLX_DISTILL_NATIVE_JIT=0`` turn it off.
+    Each lever also has its own switch: ``MLX_DISTILL_FAST_OPS=0``,
+    ``MLX_DISTILL_NATIVE_JIT=0`` and ``MLX_DISTILL_CHUNKED_HEAD=0`` turn it off.
     """
+    from mlx_distill.training import headce
+
     on = on_cpu() if enabled is None else enabled
     levers = Levers()
     with ExitStack() as stack:
         if on:
             levers.fast_ops = stack.enter_context(fast_cpu_ops(model))
             levers.native_jit = stack.enter_context(native_cpu_jit(enabled=True))
+            if not _off(CHUNKED_HEAD_ENV) and headce.head_of(model) is not None:
+                if headce.head_chunk_rows() is None:  # --grad-checkpoint may have set it already
+                    stack.enter_context(headce.chunked_head(headce.CHUNK_ROWS))
+                levers.chunked_head = True
         yield levers

@@ -1,9 +1,15 @@
-"""The lm_head and the cross-entropy, chunked over positions: the memory-saving mode of ``--grad-checkpoint``.
+"""The lm_head and the cross-entropy, chunked over positions: on the CPU always, elsewhere under ``--grad-checkpoint``.
 
 Neither the (positions, vocab) logits nor their gradient is ever whole: each
 chunk's logits are recomputed in the backward pass (one more lm_head matmul
-per step). At 4 x 320 positions and SmolLM2's 49,152 words that keeps ~750 MB
-out of memory (logits, softmax and gradient: 250 MB each).
+per step). At 4 x 353 positions and SmolLM2's 49,152 words the whole logits
+are 278 MB each (logits, softmax, gradient, and the fused ops' temporaries).
+Measured on the 2-core box (2026-11-28), the lm_head + cross-entropy and its
+gradient for 1412 positions, compiled: peak memory 1.34 GB in chunks of 256
+rows without the chunk-by-chunk dependency below, 0.96 GB with it, 0.26 GB in
+chunks of :data:`CHUNK_ROWS` = 64 with it (1.0 GB without); 2.2-2.5 s either
+way. On the CPU the page faults of the big buffers cost what the recomputed
+matmul adds, so training speed is unchanged (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from typing import Any
 from mlx_distill.training.fastops import exp_neg, use_fast_ops
 
 HEAD_MODULES = ("llama", "qwen2", "qwen3", "mistral")  # Model.__call__ is exactly model.model + the head
+CHUNK_ROWS = 64  # positions per chunk: 64 x 49,152 fp32 logits = 12.6 MB
 _head_chunk: dict[str, int | None] = {"rows": None}
 
 
@@ -24,9 +31,8 @@ def chunked_head(rows: int | None) -> Iterator[None]:
 
     Neither the (positions, vocab) logits nor their gradient is kept: each
     chunk's logits are recomputed in the backward pass (one more lm_head
-    matmul per step). For 4 x 320 positions x 49,152 vocab that is ~750 MB
-    fewer (logits, softmax, gradient: 250 MB each). ``--grad-checkpoint``
-    turns it on, as it does for the layers' activations.
+    matmul per step). ``--grad-checkpoint`` turns it on, as it does for the
+    layers' activations, and so do the CPU levers (``cpu_levers``).
     """
     old = _head_chunk["rows"]
     _head_chunk["rows"] = rows
@@ -42,7 +48,7 @@ def head_chunk_rows() -> int | None:
 
 
 def head_of(model: Any) -> Any:
-    """The (V, d) lm_head weight when ``model(x) == model.model(x) @ W.T`` holds (plain float heads), else None."""
+    """The (V, d) lm_head weight when ``model(x) == model.model(x) @ W.T`` holds (plain float, frozen heads), else None."""
     import mlx.core as mx
     import mlx.nn as nn
 
@@ -51,6 +57,8 @@ def head_of(model: Any) -> Any:
     tied = getattr(getattr(model, "args", None), "tie_word_embeddings", False)
     layer = model.model.embed_tokens if tied else getattr(model, "lm_head", None)
     if type(layer) not in ((nn.Embedding,) if tied else (nn.Linear,)) or "bias" in layer:
+        return None
+    if layer.trainable_parameters():  # the chunked op gives the head no gradient: whole logits instead
         return None
     w = layer.weight
     return w if mx.issubdtype(w.dtype, mx.floating) else None
@@ -73,11 +81,16 @@ def _make_head_ce(rows: int) -> Any:
     def chunks(n: int) -> list[tuple[int, int]]:
         return [(a, min(a + rows, n)) for a in range(0, n, rows)]
 
+    def after(x: Any, done: list[Any]) -> Any:
+        # Chunk by chunk: without the dependency MLX's scheduler runs the chunks side by
+        # side and most of their buffers are alive at once (see the module docstring).
+        return mx.depends(x, done) if done else x
+
     @mx.custom_function
     def head_ce(h: Any, w: Any, targets: Any) -> Any:
         ces, hits = [], []
         for a, b in chunks(h.shape[0]):
-            ce, _, hit = _ce_rows(h[a:b] @ w.T, targets[a:b, None])
+            ce, _, hit = _ce_rows(after(h[a:b], ces[-1:] + hits[-1:]) @ w.T, targets[a:b, None])
             ces.append(ce)
             hits.append(hit)
         return mx.concatenate(ces), mx.concatenate(hits)
@@ -89,7 +102,7 @@ def _make_head_ce(rows: int) -> Any:
         ce = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
         grads = []
         for a, b in chunks(h.shape[0]):
-            logits = h[a:b] @ w.T  # recomputed: the point of the chunking
+            logits = after(h[a:b], grads[-1:]) @ w.T  # recomputed: the point of the chunking
             t = targets[a:b, None]
             lse = ce[a:b, None] + mx.take_along_axis(logits, t, axis=-1)
             d = logits - lse

@@ -53,7 +53,6 @@ class LoopResult:
     seconds: float = 0.0
 
 
-HEAD_CHUNK_ROWS = 256  # positions per lm_head + cross-entropy chunk under --grad-checkpoint
 
 
 @contextmanager
@@ -63,22 +62,22 @@ def grad_checkpointing(model: Any, enabled: bool) -> Iterator[None]:
     mlx-lm's ``grad_checkpoint`` patches the layer *class*; it is undone
     afterwards, or every later model of that class in the process (the
     pipeline's generation stage, other tests) would keep the patched call.
-    The lm_head and cross-entropy then run ``HEAD_CHUNK_ROWS`` positions at a
-    time (``fastops.chunked_head``): the (positions x vocab) logits, softmax
-    and gradient, ~750 MB at 4 x 320 tokens and 49,152 words, are never whole.
+    The lm_head and cross-entropy then run ``headce.CHUNK_ROWS`` positions at a
+    time (``headce.chunked_head``; on the CPU a lever does so anyway): the
+    (positions x vocab) logits, softmax and gradient are never whole.
     """
     if not enabled:
         yield
         return
     from mlx_lm.tuner.trainer import grad_checkpoint
 
-    from mlx_distill.training.headce import chunked_head
+    from mlx_distill.training.headce import CHUNK_ROWS, chunked_head
 
     cls = type(model.layers[0])
     original = cls.__call__
     grad_checkpoint(model.layers[0])
     try:
-        with chunked_head(HEAD_CHUNK_ROWS):
+        with chunked_head(CHUNK_ROWS):
             yield
     finally:
         cls.__call__ = original
@@ -221,7 +220,7 @@ def run_loop(
     On the CPU the levers of ``cpu_levers`` apply for the whole loop.
     """
     with cpu_levers(model) as levers:
-        if (levers.fast_ops or levers.native_jit) and group.rank() == 0:
+        if levers.describe() != "none" and group.rank() == 0:
             echo(f"CPU levers: {levers.describe()}")
         return _run_loop(model, optimizer, train_set, valid_set, settings, loss=loss,
                          iterate_batches=iterate_batches, group=group, write=write, checkpoint=checkpoint,
