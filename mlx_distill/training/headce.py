@@ -7,7 +7,7 @@ are 278 MB each (logits, softmax, gradient, and the fused ops' temporaries).
 Measured on the 2-core box (2026-11-28), the lm_head + cross-entropy and its
 gradient for 1412 positions, compiled: peak memory 1.34 GB in chunks of 256
 rows without the chunk-by-chunk dependency below, 0.96 GB with it, 0.26 GB in
-chunks of :data:`CHUNK_ROWS` = 64 with it (1.0 GB without); 2.2-2.5 s either
+chunks of :data:`CHUNK_ROWS` = 64 with it (1.0 GB without); 2.0-2.5 s either
 way. On the CPU the page faults of the big buffers cost what the recomputed
 matmul adds, so training speed is unchanged (docs/benchmarks.md).
 """

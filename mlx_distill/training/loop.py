@@ -53,8 +53,6 @@ class LoopResult:
     seconds: float = 0.0
 
 
-
-
 @contextmanager
 def grad_checkpointing(model: Any, enabled: bool) -> Iterator[None]:
     """Recompute activations in the backward pass: the layers' and the lm_head's.
