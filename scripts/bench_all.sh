@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rerun every benchmark, one after the other (never in parallel: they measure this machine),
-# updating docs/benchmarks.md. About 15-20 minutes on a 2-core CPU; the demo timing is separate.
+# updating docs/benchmarks.md. About 40 minutes on a 2-core CPU (kd alone ~24); the demo timing is separate.
 #
 #   scripts/bench_all.sh            # everything
 #   ONLY="train generate" scripts/bench_all.sh
@@ -14,7 +14,7 @@ PY=${PYTHON:-.venv/bin/python}
 OUT=${OUT:-runs/bench}
 mkdir -p "$OUT"
 : > "$OUT/bench_all.jsonl"
-ONLY=${ONLY:-"train generate collect kd"}
+ONLY=${ONLY:-"train generate cpu-ops collect kd"}
 failed=()
 run() {  # name, then the command
   local name=$1; shift
@@ -32,6 +32,7 @@ run() {  # name, then the command
 }
 run train "$PY" scripts/bench_train.py --rounds "${TRAIN_ROUNDS:-1}"
 run generate "$PY" scripts/bench_generate.py
+run cpu-ops "$PY" scripts/bench_cpu_ops.py
 run collect "$PY" scripts/bench_collect.py
 if [ -f scripts/bench_kd.py ]; then run kd "$PY" scripts/bench_kd.py; fi
 echo "results: $OUT/bench_all.jsonl; docs: docs/benchmarks.md" >&2

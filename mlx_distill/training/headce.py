@@ -4,11 +4,11 @@ Neither the (positions, vocab) logits nor their gradient is ever whole: each
 chunk's logits are recomputed in the backward pass (one more lm_head matmul
 per step). At 4 x 353 positions and SmolLM2's 49,152 words the whole logits
 are 278 MB each (logits, softmax, gradient, and the fused ops' temporaries).
-Measured on the 2-core box (2026-11-28), the lm_head + cross-entropy and its
-gradient for 1412 positions, compiled: peak memory 1.34 GB in chunks of 256
-rows without the chunk-by-chunk dependency below, 0.96 GB with it, 0.26 GB in
-chunks of :data:`CHUNK_ROWS` = 64 with it (1.0 GB without); 2.0-2.5 s either
-way. On the CPU the page faults of the big buffers cost what the recomputed
+Measured on the 2-core box (2026-11-28, ``scripts/bench_cpu_ops.py``), the
+lm_head + cross-entropy and its gradient for 1412 positions, compiled: peak
+memory 2.2 GB whole, 1.39 GB in chunks of 256 rows without the chunk-by-chunk
+dependency below, 1.0 GB with it, 0.26 GB in chunks of :data:`CHUNK_ROWS` = 64
+with it (1.0 GB without); 1.9-2.4 s in every case. On the CPU the page faults of the big buffers cost what the recomputed
 matmul adds, so training speed is unchanged (docs/benchmarks.md).
 """
 

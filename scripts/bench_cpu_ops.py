@@ -1,0 +1,270 @@
+#!/usr/bin/env python3
+"""CPU micro-benchmarks behind the lever table and the "what limits" notes of docs/benchmarks.md.
+
+Five measurements, each in its own subprocess (the BLAS choice is made when
+``mlx_distill`` is imported), on the embedded demo model's shapes, fp32:
+
+* ``skinny``: one matmul of 8 rows by a weight (the lm_head, 1536 x 1536,
+  1536 x 576), OpenBLAS alone (``MLX_DISTILL_SKINNY_BLAS=0``) vs through the
+  BLIS shim; and whether BLIS's ``sgemm_`` binds to BLIS (``LD_DEBUG``).
+* ``softmax``: the fast-ops softmax of 4 x 9 x 353 x 353 attention scores
+  (compiled) and its pieces: the fused ``x - max`` + exp chain, the same chain
+  over a precomputed array, the row max, the row sum.
+* ``head``: the lm_head + cross-entropy and its gradient for 4 x 353 positions
+  (compiled): peak memory and time, whole logits vs 256- and 64-row chunks, with
+  and without the chunk-by-chunk ordering (``mx.depends``).
+* ``forward``: the compiled forward of the demo model's 30 layers (4 x 353
+  tokens, CPU levers on) vs the same layers' matmuls alone.
+* ``decode``: one decode step of the demo model for 8 rows over a 100-token
+  KV cache vs its 211 matmuls alone (the fp32 bandwidth floor).
+
+Usage: scripts/bench_cpu_ops.py [--reps 10] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT))
+
+
+def _timed_ms(fn: Any, reps: int) -> float:
+    import mlx.core as mx
+
+    mx.eval(fn())
+    best = float("inf")
+    for _ in range(2):  # best of two batches of reps
+        t = time.perf_counter()
+        for _ in range(reps):
+            mx.eval(fn())
+        best = min(best, (time.perf_counter() - t) / reps * 1000)
+    return round(best, 3)
+
+
+def worker_skinny(reps: int) -> dict:
+    import mlx_distill  # noqa: F401  (OpenBLAS, and the shim unless MLX_DISTILL_SKINNY_BLAS=0)
+
+    # isort: split
+    import mlx.core as mx
+
+    out = {}
+    for n, k in ((49152, 576), (1536, 1536), (1536, 576)):
+        x, w = mx.random.normal((8, k)), mx.random.normal((n, k))
+        mx.eval(x, w)
+        out[f"8x{k}@{k}x{n}"] = _timed_ms(lambda x=x, w=w: x @ w.T, reps if n < 10000 else max(2, reps // 5))
+    return out
+
+
+def blis_binds_to_itself() -> bool | None:
+    """None without the shim; else whether BLIS's ``sgemm_`` binds inside BLIS."""
+    from mlx_distill import _skinny_blas
+
+    blis = _skinny_blas.blis_path()
+    if blis is None:
+        return None
+    code = "import mlx_distill, mlx.core as mx; mx.eval(mx.ones((8, 576)) @ mx.ones((2048, 576)).T)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "LD_DEBUG": "bindings"})
+    lines = [x for x in res.stderr.splitlines() if f"binding file {blis} " in x and "symbol `sgemm_'" in x]
+    return bool(lines) and all(f" to {blis} " in x for x in lines)
+
+
+def worker_softmax(reps: int) -> dict:
+    import mlx_distill  # noqa: F401
+
+    # isort: split
+    import mlx.core as mx
+
+    from mlx_distill.training import fastops
+    from mlx_distill.training.cpu_levers import native_cpu_jit
+
+    with native_cpu_jit(True):
+        s = mx.random.normal((4, 3, 1059, 353))  # 4 x 9 heads x 353 queries, grouped by KV head
+        m = mx.max(s, axis=-1, keepdims=True)
+        d = s - m
+        mx.eval(s, m, d)
+        softmax, chain, chain_pre = (mx.compile(fastops.softmax),
+                                     mx.compile(lambda s, m: fastops.exp_neg(s - m)), mx.compile(fastops.exp_neg))
+        return {"elements": s.size,
+                "softmax_ms": _timed_ms(lambda: softmax(s), reps),
+                "sub_exp_chain_ms": _timed_ms(lambda: chain(s, m), reps),
+                "exp_chain_precomputed_ms": _timed_ms(lambda: chain_pre(d), reps),
+                "row_max_ms": _timed_ms(lambda: mx.max(s, axis=-1), reps),
+                "row_sum_ms": _timed_ms(lambda: mx.sum(s, axis=-1), reps)}
+
+
+def worker_head(reps: int) -> dict:
+    import mlx_distill  # noqa: F401
+
+    # isort: split
+    import mlx.core as mx
+
+    from mlx_distill.training import fastops, headce
+    from mlx_distill.training.cpu_levers import native_cpu_jit
+
+    n, d, V = 4 * 353, 576, 49152
+    h = mx.random.normal((n, d)) * 0.1
+    w = mx.random.normal((V, d)) * 0.05
+    t = mx.random.randint(0, V, (n,))
+    mx.eval(h, w, t)
+    depends = mx.depends
+    out = {}
+    with native_cpu_jit(True):
+        for name, rows, ordered in (("whole", None, True), ("256_unordered", 256, False), ("256", 256, True),
+                                    ("64_unordered", 64, False), ("64", 64, True)):
+            mx.depends = depends if ordered else (lambda x, _deps: x)
+            headce._HEAD_OPS.clear()  # rebuilt with this mx.depends
+            if rows is None:
+                fn = mx.compile(mx.grad(lambda h: fastops.cross_entropy(h @ w.T, t).sum()))
+            else:
+                fn = mx.compile(mx.grad(lambda h, r=rows: headce.head_cross_entropy_and_hits(h, w, t, r)[0].sum()))
+            mx.eval(fn(h))
+            base = mx.get_active_memory()
+            mx.reset_peak_memory()
+            ms = _timed_ms(lambda fn=fn: fn(h), max(1, reps // 5))
+            out[name] = {"peak_mb": round((mx.get_peak_memory() - base) / 1e6), "ms": ms}
+    mx.depends = depends
+    return out
+
+
+def worker_decode(reps: int) -> dict:
+    import mlx_distill  # noqa: F401
+
+    # isort: split
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mlx_distill import models
+
+    model, _, _ = models.load("demo")
+    rows = 8
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.array([[1] * 100] * rows), cache=cache))
+    y = mx.array([[5]] * rows)
+
+    def step() -> Any:  # the cache grows by a token a call, as in decoding
+        return mx.argmax(model(y, cache=cache)[:, -1], axis=-1)
+
+    weights = [m.weight for _, m in model.named_modules() if getattr(m, "weight", None) is not None
+               and m.weight.ndim == 2]
+    xs = {k: mx.random.normal((rows, 1, k)) for k in {w.shape[1] for w in weights}}
+    mx.eval(list(xs.values()))
+    return {"step_ms": _timed_ms(step, reps), "matmuls": len(weights),
+            "matmuls_ms": _timed_ms(lambda: [xs[w.shape[1]] @ w.T for w in weights], reps),
+            "weights_mb": round(sum(w.nbytes for w in weights) / 1e6)}
+
+
+def worker_forward(reps: int) -> dict:
+    import mlx_distill  # noqa: F401
+
+    # isort: split
+    import mlx.core as mx
+
+    from mlx_distill import models
+    from mlx_distill.training.cpu_levers import cpu_levers
+
+    model, _, _ = models.load("demo")
+    x = mx.random.randint(3, 1000, (4, 353))
+    layers = model.model.layers
+    weights = [m.weight for layer in layers for _, m in layer.named_modules()
+               if getattr(m, "weight", None) is not None and m.weight.ndim == 2]
+    xs = {k: mx.random.normal((4 * 353, k)) for k in {w.shape[1] for w in weights}}
+    mx.eval(x, list(xs.values()))
+    with cpu_levers(model):  # the training forward: fast ops, native JIT
+        body = mx.compile(lambda x: model.model(x), inputs=[model.state])
+        forward_ms = _timed_ms(lambda: body(x), max(1, reps // 5))
+    return {"layers": len(layers), "forward_ms": forward_ms,
+            "matmuls_ms": _timed_ms(lambda: [xs[w.shape[1]] @ w.T for w in weights], max(1, reps // 5))}
+
+
+WORKERS = {"skinny": worker_skinny, "softmax": worker_softmax, "head": worker_head, "decode": worker_decode,
+           "forward": worker_forward}
+
+
+def run(kind: str, reps: int, env: dict | None = None) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--reps", str(reps)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if res.returncode != 0:
+        sys.stderr.write(res.stdout[-2000:] + res.stderr[-3000:])
+        raise SystemExit(f"{kind} worker failed (exit {res.returncode})")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--no-write", action="store_true", help="do not touch docs/benchmarks.md")
+    ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(WORKERS[args.worker](args.reps)))
+        return
+
+    from _benchlib import emit, write_section
+
+    load0 = os.getloadavg()[0]
+    figures: dict[str, Any] = {"bench": "cpu-ops", "reps": args.reps}
+    figures["skinny_openblas_ms"] = run("skinny", args.reps, {"MLX_DISTILL_SKINNY_BLAS": "0"})
+    figures["skinny_blis_ms"] = run("skinny", args.reps)
+    figures["blis_sgemm_binds_to_blis"] = blis_binds_to_itself()
+    figures["softmax"] = run("softmax", args.reps)
+    figures["head"] = run("head", args.reps)
+    figures["decode"] = run("decode", args.reps)
+    figures["forward"] = run("forward", args.reps)
+    figures["load_avg"] = [round(load0, 1), round(os.getloadavg()[0], 1)]
+
+    ob, bl, sm, hd, dc, fw = (figures["skinny_openblas_ms"], figures["skinny_blis_ms"], figures["softmax"],
+                              figures["head"], figures["decode"], figures["forward"])
+    skinny_rows = "\n".join(f"| {shape} | {ob[shape]:.2f} | {bl[shape]:.2f} | {ob[shape] / bl[shape]:.2f}x |"
+                            for shape in ob)
+    head_rows = "\n".join(f"| {name.replace('_', ' ')} | {v['peak_mb']} | {v['ms']:.0f} |" for name, v in hd.items())
+    ns = sm["softmax_ms"] * 1e6 / sm["elements"]
+    body = f"""
+`scripts/bench_cpu_ops.py --reps {args.reps}`: the micro-measurements behind the lever table and the
+"what limits" notes; each in its own process, fp32, best of two batches of {args.reps} calls. The
+1-minute load average was {figures['load_avg'][0]} before and {figures['load_avg'][1]} after, on
+{os.cpu_count()} cores.
+
+Skinny matmuls, 8 rows (ms a call; BLIS through `_skinny_blas`, whose BLIS `sgemm_` binds to
+BLIS itself: {figures['blis_sgemm_binds_to_blis']}):
+
+| x @ weight | OpenBLAS | BLIS shim | OpenBLAS / shim |
+| --- | ---: | ---: | ---: |
+{skinny_rows}
+
+Training forward of the demo model's {fw['layers']} layers (compiled, CPU levers on, 4 x 353 tokens, no
+head): {fw['forward_ms']:.0f} ms, {fw['forward_ms'] / fw['layers']:.0f} ms a layer; the same layers' matmuls
+alone: {fw['matmuls_ms']:.0f} ms.
+
+Attention softmax over {sm['elements']:,} scores (4 x 9 x 353 x 353), compiled, one thread:
+{sm['softmax_ms']:.1f} ms ({ns:.1f} ns an element). Pieces: the fused `x - max` + exp chain
+{sm['sub_exp_chain_ms']:.1f} ms (over a precomputed `x - max`: {sm['exp_chain_precomputed_ms']:.1f} ms),
+the row max {sm['row_max_ms']:.1f} ms, the row sum {sm['row_sum_ms']:.1f} ms.
+
+lm_head + cross-entropy and its gradient, 1412 positions, 49,152 words, compiled ("unordered":
+the chunks without `mx.depends` on the previous one):
+
+| logits | peak memory (MB) | ms |
+| --- | ---: | ---: |
+{head_rows}
+
+Decoding, the demo model, 8 rows over a 100-token KV cache: one step {dc['step_ms']:.1f} ms; its
+{dc['matmuls']} matmuls alone {dc['matmuls_ms']:.1f} ms ({dc['weights_mb']} MB of weights read per step).
+"""
+    if not args.no_write:
+        write_section("cpu-ops", "CPU micro-benchmarks: skinny matmuls, softmax, lm_head memory, decode floor", body)
+    print(body)
+    emit(figures)
+
+
+if __name__ == "__main__":
+    main()
