@@ -8,9 +8,8 @@ Measured on the 2-core x86 box of docs/benchmarks.md, one training step of
   element; the step: 19.4 -> 15.1 s of CPU).
 * ``fastops.fast_cpu_ops``: the multiply-add exp and fused losses.
 * ``headce.chunked_head``: the lm_head + cross-entropy in chunks of 64
-  positions, as under ``--grad-checkpoint`` (peak RSS 3.19 -> 2.4 GB at the
-  same speed: the big logits buffers' page faults cost what the recomputed
-  chunk matmuls add).
+  positions, as under ``--grad-checkpoint`` (peak RSS 3.19 -> 2.4 GB;
+  193.5 vs 198.0 tok/s with whole logits, within noise).
 
 Tried and removed (docs/benchmarks.md, "Performance levers"): glibc malloc
 tuning with ``mallopt`` (84.5 vs 82.0 tok/s, within noise, and 1 GB more RSS)
