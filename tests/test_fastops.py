@@ -298,3 +298,55 @@ def test_head_of_refuses_models_it_does_not_know() -> None:
         pass
 
     assert headce.head_of(Other()) is None
+
+
+def _matmuls(*outputs: mx.array) -> int:
+    import io
+
+    dot = io.StringIO()
+    mx.export_to_dot(dot, *outputs)
+    return dot.getvalue().count('label ="Matmul"')
+
+
+def test_chunked_head_makes_its_gradient_in_the_forward_pass() -> None:
+    """Two lm_head-sized matmuls a chunk for loss + gradient (logits, softmax @ W), not three (no recompute)."""
+    from mlx_distill.training import headce
+
+    n, d, V, rows = 64, 16, 100, 16
+    h = mx.random.normal((n, d), key=mx.random.key(0))
+    w = mx.random.normal((V, d), key=mx.random.key(1)) * 0.3
+    t = mx.random.randint(0, V, (n,), key=mx.random.key(2))
+
+    def loss(x: mx.array) -> mx.array:
+        return headce.head_cross_entropy_and_hits(x, w, t, rows)[0].sum()
+
+    grad = mx.grad(loss)(h)
+    assert _matmuls(grad) == 2 * (n // rows)
+    with headce.forward_only():  # evaluation: one matmul a chunk, the same loss and hits
+        assert _matmuls(loss(h)) == n // rows
+        ce, hits = headce.head_cross_entropy_and_hits(h, w, t, rows)
+        # still differentiable, through MLX's autodiff
+        np.testing.assert_allclose(np.array(mx.grad(loss)(h)), np.array(grad), rtol=1e-4, atol=1e-6)
+    assert not headce._forward_only["on"]
+    ce_train, hits_train = headce.head_cross_entropy_and_hits(h, w, t, rows)
+    np.testing.assert_allclose(np.array(ce), np.array(ce_train), rtol=1e-6)
+    assert np.array_equal(np.array(hits), np.array(hits_train))
+
+
+def test_evaluate_computes_the_loss_forward_only() -> None:
+    from mlx_distill.training import headce
+    from mlx_distill.training.loop import LoopSettings, evaluate
+
+    seen: list[bool] = []
+
+    def loss(model: object, tokens: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array, dict]:
+        seen.append(headce._forward_only["on"])
+        return mx.array(2.0), mx.array(3), {}
+
+    def batches(**_: object):  # noqa: ANN202
+        yield mx.zeros((1, 4), dtype=mx.int32), mx.array([[0, 4]])
+
+    settings = LoopSettings(batch_size=1, max_seq_length=8, total_steps=1, steps_per_epoch=1, eval_every=0,
+                            save_every=0)
+    out = evaluate(_lora_model(), None, settings, loss, batches, mx.distributed.init())
+    assert seen == [True] and out["loss"] == pytest.approx(2.0) and not headce._forward_only["on"]

@@ -24,15 +24,16 @@ from mlx_distill.training.fastops import exp_neg, use_fast_ops
 HEAD_MODULES = ("llama", "qwen2", "qwen3", "mistral")  # Model.__call__ is exactly model.model + the head
 CHUNK_ROWS = 64  # positions per chunk: 64 x 49,152 fp32 logits = 12.6 MB
 _head_chunk: dict[str, int | None] = {"rows": None}
+_forward_only = {"on": False}
 
 
 @contextmanager
 def chunked_head(rows: int | None) -> Iterator[None]:
     """Within the block, :func:`head_of` models compute the lm_head + cross-entropy ``rows`` positions at a time.
 
-    Neither the (positions, vocab) logits nor their gradient is kept: each
-    chunk's logits are recomputed in the backward pass (one more lm_head
-    matmul per step). ``--grad-checkpoint`` turns it on, as it does for the
+    Neither the (positions, vocab) logits nor their gradient is ever whole:
+    each chunk's gradient is made in the forward pass from its own exps
+    (:func:`_ce_rows`). ``--grad-checkpoint`` turns it on, as it does for the
     layers' activations, and so do the CPU levers (``cpu_levers``).
     """
     old = _head_chunk["rows"]
@@ -65,59 +66,79 @@ def head_of(model: Any) -> Any:
     return w if mx.issubdtype(w.dtype, mx.floating) else None
 
 
-def _ce_rows(logits: Any, t: Any) -> tuple[Any, Any, Any]:
-    """(ce, lse, hit) for (n, V) logits and (n, 1) targets; exp from :func:`exp_neg` on the CPU."""
+def _ce_rows(logits: Any, t: Any, w: Any = None) -> tuple[Any, ...]:
+    """(ce, hit) for (n, V) logits ``h @ w.T`` and (n, 1) targets, and ``d ce / d h`` when ``w`` is given.
+
+    The gradient is made here, from the forward's own exps: ``(softmax - onehot) @ w
+    = (e @ w) / sum(e) - w[target]`` with ``e = exp(logits - max)``. The backward
+    pass then only scales it by each position's cotangent, instead of
+    recomputing the chunk's logits (a second lm_head matmul) and their exps.
+    The exp is :func:`exp_neg` on the CPU.
+    """
     import mlx.core as mx
 
     m = mx.stop_gradient(mx.max(logits, axis=-1, keepdims=True))
     e = exp_neg(logits - m) if use_fast_ops() else mx.exp(logits - m)
-    lse = m + mx.log(e.sum(axis=-1, keepdims=True))
+    s = e.sum(axis=-1, keepdims=True)
     picked = mx.take_along_axis(logits, t, axis=-1)
-    return (lse - picked).squeeze(-1), lse, (picked >= m).squeeze(-1)
+    out = (m + mx.log(s) - picked).squeeze(-1), (picked >= m).squeeze(-1)
+    if w is None:
+        return out
+    return (*out, (e @ w) * mx.reciprocal(s) - w[t.squeeze(-1)])
+
+
+def _chunked(h: Any, w: Any, targets: Any, rows: int, with_grad: bool) -> tuple[Any, ...]:
+    """:func:`_ce_rows` over ``rows`` positions at a time, one chunk after the other."""
+    import mlx.core as mx
+
+    outs: list[list[Any]] = []
+    for a in range(0, h.shape[0], rows):
+        x = h[a:a + rows]
+        if outs:  # without the dependency MLX's scheduler runs the chunks side by side and
+            # most of their buffers are alive at once (see the module docstring)
+            x = mx.depends(x, [o[-1] for o in outs])
+        got = _ce_rows(x @ w.T, targets[a:a + rows, None], w if with_grad else None)
+        outs = outs or [[] for _ in got]
+        for o, v in zip(outs, got):
+            o.append(v)
+    return tuple(mx.concatenate(o) for o in outs)
 
 
 def _make_head_ce(rows: int) -> Any:
     import mlx.core as mx
 
-    def chunks(n: int) -> list[tuple[int, int]]:
-        return [(a, min(a + rows, n)) for a in range(0, n, rows)]
-
-    def after(x: Any, done: list[Any]) -> Any:
-        # Chunk by chunk: without the dependency MLX's scheduler runs the chunks side by
-        # side and most of their buffers are alive at once (see the module docstring).
-        return mx.depends(x, done) if done else x
-
     @mx.custom_function
     def head_ce(h: Any, w: Any, targets: Any) -> Any:
-        ces, hits = [], []
-        for a, b in chunks(h.shape[0]):
-            ce, _, hit = _ce_rows(after(h[a:b], ces[-1:] + hits[-1:]) @ w.T, targets[a:b, None])
-            ces.append(ce)
-            hits.append(hit)
-        return mx.concatenate(ces), mx.concatenate(hits)
+        return _chunked(h, w, targets, rows, with_grad=True)
 
     @head_ce.vjp
     def _head_ce_vjp(primals: Any, cotangents: Any, outputs: Any) -> Any:
         h, w, targets = primals
-        g = cotangents[0] if isinstance(cotangents, (tuple, list)) else cotangents
-        ce = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
-        grads = []
-        for a, b in chunks(h.shape[0]):
-            logits = after(h[a:b], grads[-1:]) @ w.T  # recomputed: the point of the chunking
-            t = targets[a:b, None]
-            lse = ce[a:b, None] + mx.take_along_axis(logits, t, axis=-1)
-            d = logits - lse
-            p = exp_neg(d) if use_fast_ops() else mx.exp(d)
-            # (softmax - onehot) @ W = softmax @ W - W[target], each row scaled by its g.
-            grads.append(g[a:b, None] * (p @ w - w[targets[a:b]]))
         # The head is frozen (LoRA and our full fine-tuning leave it alone): its gradient is
         # never evaluated, so this zeros array costs nothing.
-        return mx.concatenate(grads), mx.zeros_like(w), mx.zeros_like(targets)
+        return cotangents[0][:, None] * outputs[2], mx.zeros_like(w), mx.zeros_like(targets)
 
     return head_ce
 
 
 _HEAD_OPS: dict[int, Any] = {}
+
+
+@contextmanager
+def forward_only() -> Iterator[None]:
+    """Within the block, the chunked head makes no gradient in its forward pass (evaluation).
+
+    The training op computes each chunk's gradient from the forward's exps
+    (:func:`_ce_rows`): an extra ``e @ w`` matmul per chunk that a loss without
+    a backward pass does not need. Differentiating inside this block still
+    works, through MLX's own autodiff.
+    """
+    old = _forward_only["on"]
+    _forward_only["on"] = True
+    try:
+        yield
+    finally:
+        _forward_only["on"] = old
 
 
 def head_cross_entropy_and_hits(h: Any, weight: Any, targets: Any, rows: int) -> tuple[Any, Any]:
@@ -127,7 +148,11 @@ def head_cross_entropy_and_hits(h: Any, weight: Any, targets: Any, rows: int) ->
     on the full logits; the gradient reaches ``h`` only (the head is frozen).
     """
     shape = targets.shape
-    if rows not in _HEAD_OPS:
-        _HEAD_OPS[rows] = _make_head_ce(rows)
-    ce, hits = _HEAD_OPS[rows](h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1))
+    h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    if _forward_only["on"]:
+        ce, hits = _chunked(h, weight, targets, rows, with_grad=False)
+    else:
+        if rows not in _HEAD_OPS:
+            _HEAD_OPS[rows] = _make_head_ce(rows)
+        ce, hits, _ = _HEAD_OPS[rows](h, weight, targets)
     return ce.reshape(shape), hits.reshape(shape)

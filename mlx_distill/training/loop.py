@@ -169,6 +169,8 @@ def evaluate(
     """
     import mlx.core as mx
 
+    from mlx_distill.training.headce import forward_only
+
     model.eval()
     loss_of = compiled or partial(loss, model)
     total = mx.array(0.0)
@@ -179,7 +181,8 @@ def evaluate(
     for k, batch in enumerate(batches):
         if settings.val_batches >= 0 and k >= settings.val_batches:
             break
-        value, n, metrics = loss_of(*batch)
+        with forward_only():  # no backward pass: the chunked head makes no gradient
+            value, n, metrics = loss_of(*batch)
         n = n.astype(mx.float32)
         total = total + value * n
         ntoks = ntoks + n
