@@ -52,7 +52,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT))
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LEVER_ENV = {"fastops": ("MLX_DISTILL_FAST_OPS", "0"), "native": ("MLX_DISTILL_NATIVE_JIT", "0"),
-             "skinny": ("MLX_DISTILL_SKINNY_BLAS", "0"), "chunkedhead": ("MLX_DISTILL_CHUNKED_HEAD", "0")}
+             "skinny": ("MLX_DISTILL_SKINNY_BLAS", "0"), "chunkedhead": ("MLX_DISTILL_CHUNKED_HEAD", "0"),
+             "streams": ("MLX_DISTILL_CPU_STREAMS", "0")}
 LEVERS_OFF = dict(LEVER_ENV.values())
 # "mlx-no-<lever>": the trainer with one lever switched off (the ablation rows of the docs).
 WAYS = ["mlx", "mlx-plain", "mlx-gc", "torch", *(f"mlx-no-{k}" for k in LEVER_ENV)]

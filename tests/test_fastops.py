@@ -350,3 +350,63 @@ def test_evaluate_computes_the_loss_forward_only() -> None:
                             save_every=0)
     out = evaluate(_lora_model(), None, settings, loss, batches, mx.distributed.init())
     assert seen == [True] and out["loss"] == pytest.approx(2.0) and not headce._forward_only["on"]
+
+
+def _openblas_threads() -> int | None:
+    import ctypes
+
+    from mlx_distill import _blas
+
+    return int(ctypes.CDLL(None).openblas_get_num_threads()) if _blas.openblas_active() else None
+
+
+def _train_two_streams(two: bool, steps: int = 3) -> tuple[list[float], dict[str, np.ndarray]]:
+    import mlx.optimizers as optim
+
+    from mlx_distill.training import headce, streams
+
+    model = _lora_model()
+    opt = optim.Adam(learning_rate=1e-2, bias_correction=True)
+    opt.init(model.trainable_parameters())
+    losses = []
+    threads = _openblas_threads()
+    with fastops.fast_cpu_ops(model, enabled=True), headce.chunked_head(8), \
+            streams.two_streams(model, enabled=two) as applied:
+        assert applied == two
+        assert (type(model.layers[0]) is not llama.TransformerBlock) == two
+        assert (streams.active_streams() is not None) == two
+        if two and threads is not None:
+            assert _openblas_threads() == 1  # the two halves' matmuls would oversubscribe the cores
+        step = make_step(model, opt, lm_loss, mx.distributed.init())
+        for _ in range(steps):
+            value, *_ = step(*_batch())
+            mx.eval(model.state, opt.state)
+            losses.append(value.item())
+    assert type(model.layers[0]) is llama.TransformerBlock and streams.active_streams() is None
+    assert _openblas_threads() == threads
+    return losses, {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())}
+
+
+def test_two_streams_train_as_one_stream() -> None:
+    """Batch halves on two CPU streams (layers, chunked head, fast ops' gradients): the same training."""
+    one, one_w = _train_two_streams(False)
+    two, two_w = _train_two_streams(True)
+    assert two == pytest.approx(one, rel=1e-5)
+    for k in one_w:
+        np.testing.assert_allclose(two_w[k], one_w[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    # The fast ops were built for the second stream: their hand-written gradients ran there.
+    assert any(s is not None for s in fastops._OPS)
+
+
+def test_two_streams_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlx_distill.training import streams
+
+    model = _lora_model()
+    monkeypatch.setenv(streams.ENV, "0")
+    with streams.two_streams(model, enabled=True) as applied:
+        assert not applied and type(model.layers[0]) is llama.TransformerBlock
+    monkeypatch.delenv(streams.ENV)
+    with streams.two_streams(model, enabled=True) as outer, streams.two_streams(model, enabled=True) as inner:
+        assert outer and not inner  # nested: applied once, undone once
+    assert type(model.layers[0]) is llama.TransformerBlock
+    assert streams.halves(5) == [slice(0, 2), slice(2, 5)]

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mlx_distill.training.fastops import fast_cpu_ops
+from mlx_distill.training.streams import two_streams
 
 NATIVE_ENV = "MLX_DISTILL_NATIVE_JIT"  # "0": keep MLX's own compiler flags
 CHUNKED_HEAD_ENV = "MLX_DISTILL_CHUNKED_HEAD"  # "0": whole logits unless --grad-checkpoint
@@ -127,10 +128,12 @@ class Levers:
     fast_ops: bool = False
     native_jit: bool = False
     chunked_head: bool = False
+    two_streams: bool = False
 
     def describe(self) -> str:
         on = [name for name, v in (("fast CPU ops", self.fast_ops), ("native JIT", self.native_jit),
-                                   ("chunked lm_head", self.chunked_head)) if v]
+                                   ("chunked lm_head", self.chunked_head),
+                                   ("batch halves on two CPU streams", self.two_streams)) if v]
         return ", ".join(on) if on else "none"
 
 
@@ -140,7 +143,8 @@ def cpu_levers(model: Any, enabled: bool | None = None) -> Iterator[Levers]:
 
     Off the CPU (Metal, CUDA) nothing is applied and mlx-lm's own path runs.
     Each lever also has its own switch: ``MLX_DISTILL_FAST_OPS=0``,
-    ``MLX_DISTILL_NATIVE_JIT=0`` and ``MLX_DISTILL_CHUNKED_HEAD=0`` turn it off.
+    ``MLX_DISTILL_NATIVE_JIT=0``, ``MLX_DISTILL_CHUNKED_HEAD=0`` and
+    ``MLX_DISTILL_CPU_STREAMS=0`` turn it off.
     """
     from mlx_distill.training import headce
 
@@ -154,4 +158,6 @@ def cpu_levers(model: Any, enabled: bool | None = None) -> Iterator[Levers]:
                 if headce.head_chunk_rows() is None:  # --grad-checkpoint may have set it already
                     stack.enter_context(headce.chunked_head(headce.CHUNK_ROWS))
                 levers.chunked_head = True
+            if levers.fast_ops:
+                levers.two_streams = stack.enter_context(two_streams(model))
         yield levers

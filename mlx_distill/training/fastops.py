@@ -83,24 +83,41 @@ def _softmax_impl(x: Any) -> Any:
     return e * mx.reciprocal(e.sum(axis=-1, keepdims=True))
 
 
-def _make_ops() -> dict[str, Any]:
+def _make_ops(stream: Any = None) -> dict[str, Any]:
+    """The custom ops; with ``stream``, their forward and VJP ops are made on it (``on_stream``)."""
     import mlx.core as mx
 
+    def pinned(fn: Any) -> Any:
+        if stream is None:
+            return fn
+
+        def on(*args: Any) -> Any:
+            # A VJP is called when the backward graph is built, outside the forward's
+            # ``with mx.stream``: without this its ops would land on the default stream.
+            with mx.stream(stream):
+                return fn(*args)
+
+        return on
+
     @mx.custom_function
+    @pinned
     def softmax(x: Any) -> Any:
         return _softmax_impl(x)
 
     @softmax.vjp
+    @pinned
     def _softmax_vjp(primals: Any, cotangent: Any, output: Any) -> Any:
         y = output
         return (y * (cotangent - (cotangent * y).sum(axis=-1, keepdims=True)),)
 
     @mx.custom_function
+    @pinned
     def logsumexp(x: Any) -> Any:
         m = mx.stop_gradient(mx.max(x, axis=-1, keepdims=True))
         return (m + mx.log(exp_neg(x - m).sum(axis=-1, keepdims=True))).squeeze(-1)
 
     @logsumexp.vjp
+    @pinned
     def _logsumexp_vjp(primals: Any, cotangent: Any, output: Any) -> Any:
         x = primals[0] if isinstance(primals, (tuple, list)) else primals
         # d lse / dx = softmax(x) = exp(x - lse); x - lse <= 0 always.
@@ -113,10 +130,12 @@ def _make_ops() -> dict[str, Any]:
         return mx.where(g >= 0, r, e * r)
 
     @mx.custom_function
+    @pinned
     def swiglu(gate: Any, x: Any) -> Any:
         return gate * sigmoid(gate) * x
 
     @swiglu.vjp
+    @pinned
     def _swiglu_vjp(primals: Any, cotangent: Any, output: Any) -> Any:
         gate, x = primals
         s = sigmoid(gate)
@@ -125,6 +144,7 @@ def _make_ops() -> dict[str, Any]:
         return cotangent * x * s * (1.0 + gate * (1.0 - s)), cotangent * silu
 
     @mx.custom_function
+    @pinned
     def ce_and_hit(logits: Any, targets: Any) -> Any:
         t = targets[..., None]
         m = mx.stop_gradient(mx.max(logits, axis=-1, keepdims=True))
@@ -135,6 +155,7 @@ def _make_ops() -> dict[str, Any]:
         return (lse - picked).squeeze(-1), (picked >= m).squeeze(-1)
 
     @ce_and_hit.vjp
+    @pinned
     def _ce_vjp(primals: Any, cotangents: Any, outputs: Any) -> Any:
         logits, targets = primals
         g = (cotangents[0] if isinstance(cotangents, (tuple, list)) else cotangents)[..., None]
@@ -150,13 +171,26 @@ def _make_ops() -> dict[str, Any]:
             "ce_and_hit": ce_and_hit}
 
 
-_OPS: dict[str, Any] = {}
+_OPS: dict[Any, dict[str, Any]] = {}  # per stream (None: the default one)
+_stream: dict[str, Any] = {"current": None}
+
+
+@contextmanager
+def on_stream(stream: Any) -> Iterator[None]:
+    """Within the block, the ops here make their forward and gradient ops on ``stream`` (``training.streams``)."""
+    old = _stream["current"]
+    _stream["current"] = stream
+    try:
+        yield
+    finally:
+        _stream["current"] = old
 
 
 def _op(name: str) -> Any:
-    if not _OPS:
-        _OPS.update(_make_ops())
-    return _OPS[name]
+    stream = _stream["current"]
+    if stream not in _OPS:
+        _OPS[stream] = _make_ops(stream)
+    return _OPS[stream][name]
 
 
 def softmax(x: Any) -> Any:
@@ -263,6 +297,11 @@ def attention(queries: Any, keys: Any, values: Any, scale: float, mask: Any = No
 
 
 _segments: dict[str, Any] = {"ids": None}
+
+
+def packed_segments() -> Any:
+    """The (B, T) segment ids while :func:`attention_segments` applies (packed rows), else None."""
+    return _segments["ids"]
 
 
 def segment_causal_mask(segments: Any) -> Any:

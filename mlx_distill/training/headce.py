@@ -147,12 +147,29 @@ def head_cross_entropy_and_hits(h: Any, weight: Any, targets: Any, rows: int) ->
     ``h`` (..., d), ``targets`` (...). Same numbers as :func:`cross_entropy_and_hits`
     on the full logits; the gradient reaches ``h`` only (the head is frozen).
     """
+    import mlx.core as mx
+
+    from mlx_distill.training import streams
+
     shape = targets.shape
     h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    two = streams.active_streams()
+    if two is None or h.shape[0] < 2:
+        ce, hits = _head_ce(h, weight, targets, rows)
+    else:  # each half of the positions on its own CPU stream (``training.streams``)
+        parts = []
+        for stream, part in zip(two, streams.halves(h.shape[0])):
+            with mx.stream(stream):
+                parts.append(_head_ce(h[part], weight, targets[part], rows))
+        ce, hits = (mx.concatenate([p[i] for p in parts]) for i in (0, 1))
+    return ce.reshape(shape), hits.reshape(shape)
+
+
+def _head_ce(h: Any, weight: Any, targets: Any, rows: int) -> tuple[Any, Any]:
     if _forward_only["on"]:
         ce, hits = _chunked(h, weight, targets, rows, with_grad=False)
-    else:
-        if rows not in _HEAD_OPS:
-            _HEAD_OPS[rows] = _make_head_ce(rows)
-        ce, hits, _ = _HEAD_OPS[rows](h, weight, targets)
-    return ce.reshape(shape), hits.reshape(shape)
+        return ce, hits
+    if rows not in _HEAD_OPS:
+        _HEAD_OPS[rows] = _make_head_ce(rows)
+    ce, hits, _ = _HEAD_OPS[rows](h, weight, targets)
+    return ce, hits

@@ -55,7 +55,7 @@ class LoopResult:
 
 @contextmanager
 def grad_checkpointing(model: Any, enabled: bool) -> Iterator[None]:
-    """Recompute activations in the backward pass: the layers' and the lm_head's.
+    """Recompute the layers' activations in the backward pass, and chunk the lm_head.
 
     mlx-lm's ``grad_checkpoint`` patches the layer *class*; it is undone
     afterwards, or every later model of that class in the process (the

@@ -1,0 +1,126 @@
+"""Training on the CPU with the batch split in two halves, one MLX stream (one thread) each.
+
+Why: MLX 0.32 runs every op of a stream on that stream's one thread, so on
+the CPU only the matmuls (OpenBLAS) use the second core; the softmaxes, the
+SwiGLU, the norms and the loss run on one. Each MLX stream has a thread of
+its own. Within :func:`two_streams`, every decoder layer runs the first half
+of the batch's rows on the default CPU stream and the second half on a
+second one (the halves are joined again after each layer), the lm_head +
+cross-entropy splits its positions the same way, the fast ops' hand-written
+gradients run on their half's stream (``fastops.on_stream``), and OpenBLAS is
+set to one thread, so that the two halves' matmuls do not oversubscribe the
+cores. Same numbers as one stream: each row is computed by the same ops.
+
+Measured on the 2-core box (2026-11-28, the demo student, LoRA on 16 of 30
+layers, the bench_train batches; docs/benchmarks.md): the forward of the 30
+layers at 4 x 353 tokens 2.93 -> 2.40 s; whole training steps 219.7 / 222.4 /
+228.7 -> 231.3 / 240.6 / 247.3 tok/s in three alternating rounds (+7%).
+Splitting only the attention softmax between two streams, or the whole batch
+by calling the model once per half, gained nothing (see the docs).
+
+Not applied to batches of one row, with a KV cache, or to packed rows
+(``--pack``: the segment ids are the whole batch's). ``MLX_DISTILL_CPU_STREAMS=0``
+turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+ENV = "MLX_DISTILL_CPU_STREAMS"  # "0": one CPU stream, OpenBLAS on every core
+_state: dict[str, Any] = {"streams": None}
+_SPLIT_CLASSES: dict[type, type] = {}
+
+
+def active_streams() -> list[Any] | None:
+    """The two streams while :func:`two_streams` applies, else None."""
+    return _state["streams"]
+
+
+def halves(n: int) -> list[slice]:
+    """The first and second half of ``n`` rows (the second gets the odd one)."""
+    return [slice(0, n // 2), slice(n // 2, n)]
+
+
+def _split_class(base: type) -> type:
+    if base not in _SPLIT_CLASSES:
+        from mlx_distill.training import fastops
+
+        def __call__(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N807
+            import mlx.core as mx
+
+            streams = _state["streams"]
+            cache = kwargs.get("cache", args[1] if len(args) > 1 else None)
+            if streams is None or cache is not None or x.shape[0] < 2 or fastops.packed_segments() is not None:
+                return base.__call__(self, x, *args, **kwargs)
+            outs = []
+            for stream, rows in zip(streams, halves(x.shape[0])):
+                # An array mask with a batch axis is the batch's: each half takes its rows.
+                a = [m[rows] if hasattr(m, "ndim") and m.ndim == 4 and m.shape[0] == x.shape[0] else m for m in args]
+                with mx.stream(stream), fastops.on_stream(stream):
+                    outs.append(base.__call__(self, x[rows], *a, **kwargs))
+            return mx.concatenate(outs, axis=0)
+
+        _SPLIT_CLASSES[base] = type(base.__name__, (base,), {"__call__": __call__, "__module__": base.__module__})
+    return _SPLIT_CLASSES[base]
+
+
+def _openblas_threads(n: int | None) -> int | None:
+    """Set OpenBLAS's thread count (when OpenBLAS is loaded); return the previous one."""
+    from mlx_distill import _blas
+
+    if n is None or not _blas.openblas_active():
+        return None
+    try:
+        lib = ctypes.CDLL(None)
+        before = int(lib.openblas_get_num_threads())
+        lib.openblas_set_num_threads(n)
+    except (AttributeError, OSError):
+        return None
+    return before
+
+
+@contextmanager
+def two_streams(model: Any, enabled: bool | None = None) -> Iterator[bool]:
+    """Within the block, ``model``'s layers and the chunked lm_head split each batch between two CPU streams.
+
+    Default: on with the fast CPU ops (``fastops.use_fast_ops``) on a
+    machine with 2 or more cores. Undone on exit (the layers' classes, the
+    OpenBLAS thread count). Yields whether it applied.
+    """
+    import mlx.core as mx
+
+    from mlx_distill.training.fastops import use_fast_ops
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    off = os.environ.get(ENV, "").strip().lower() in ("0", "false", "off", "no")
+    on = (use_fast_ops() and cores >= 2) if enabled is None else enabled
+    layers = list(getattr(model, "layers", None) or [])
+    if not on or off or not layers or _state["streams"] is not None:
+        yield False
+        return
+    saved = [type(layer) for layer in layers]
+    threads = _openblas_threads(1)
+    _state["streams"] = [mx.default_stream(mx.cpu), _second_stream()]
+    try:
+        for layer in layers:
+            layer.__class__ = _split_class(type(layer))
+        yield True
+    finally:
+        _state["streams"] = None
+        for layer, cls in zip(layers, saved):
+            layer.__class__ = cls
+        _openblas_threads(threads)
+
+
+def _second_stream() -> Any:
+    """One second CPU stream per process (each MLX stream is a thread that lives as long as the process)."""
+    import mlx.core as mx
+
+    if "second" not in _state:
+        _state["second"] = mx.new_stream(mx.cpu)
+    return _state["second"]
