@@ -14,7 +14,8 @@ Five measurements, each in its own subprocess (the BLAS choice is made when
   (compiled): peak memory and time, whole logits vs 256- and 64-row chunks, with
   and without the chunk-by-chunk ordering (``mx.depends``).
 * ``forward``: the compiled forward of the demo model's 30 layers (4 x 353
-  tokens, CPU levers on) vs the same layers' matmuls alone.
+  tokens, CPU levers on), with and without the two CPU streams, vs the same
+  layers' matmuls alone.
 * ``decode``: one decode step of the demo model for 8 rows over a 100-token
   KV cache vs its 211 matmuls alone (the fp32 bandwidth floor).
 
@@ -179,7 +180,7 @@ def worker_forward(reps: int) -> dict:
                if getattr(m, "weight", None) is not None and m.weight.ndim == 2]
     xs = {k: mx.random.normal((4 * 353, k)) for k in {w.shape[1] for w in weights}}
     mx.eval(x, list(xs.values()))
-    with cpu_levers(model):  # the training forward: fast ops, native JIT
+    with cpu_levers(model):  # the training forward: fast ops, native JIT, two streams (unless turned off)
         body = mx.compile(lambda x: model.model(x), inputs=[model.state])
         forward_ms = _timed_ms(lambda: body(x), max(1, reps // 5))
     return {"layers": len(layers), "forward_ms": forward_ms,
@@ -220,10 +221,12 @@ def main() -> None:
     figures["head"] = run("head", args.reps)
     figures["decode"] = run("decode", args.reps)
     figures["forward"] = run("forward", args.reps)
+    figures["forward_one_stream"] = run("forward", args.reps, {"MLX_DISTILL_CPU_STREAMS": "0"})
     figures["load_avg"] = [round(load0, 1), round(os.getloadavg()[0], 1)]
 
     ob, bl, sm, hd, dc, fw = (figures["skinny_openblas_ms"], figures["skinny_blis_ms"], figures["softmax"],
                               figures["head"], figures["decode"], figures["forward"])
+    fw1 = figures["forward_one_stream"]
     skinny_rows = "\n".join(f"| {shape} | {ob[shape]:.2f} | {bl[shape]:.2f} | {ob[shape] / bl[shape]:.2f}x |"
                             for shape in ob)
     head_rows = "\n".join(f"| {name.replace('_', ' ')} | {v['peak_mb']} | {v['ms']:.0f} |" for name, v in hd.items())
@@ -242,8 +245,10 @@ BLIS itself: {figures['blis_sgemm_binds_to_blis']}):
 {skinny_rows}
 
 Training forward of the demo model's {fw['layers']} layers (compiled, CPU levers on, 4 x 353 tokens, no
-head): {fw['forward_ms']:.0f} ms, {fw['forward_ms'] / fw['layers']:.0f} ms a layer; the same layers' matmuls
-alone: {fw['matmuls_ms']:.0f} ms.
+head): {fw['forward_ms']:.0f} ms, {fw['forward_ms'] / fw['layers']:.0f} ms a layer, with the batch's halves on two
+CPU streams (OpenBLAS at one thread); {fw1['forward_ms']:.0f} ms on one stream
+(`MLX_DISTILL_CPU_STREAMS=0`). The same layers' matmuls alone, one stream, OpenBLAS on every core:
+{fw1['matmuls_ms']:.0f} ms.
 
 Attention softmax over {sm['elements']:,} scores (4 x 9 x 353 x 353), compiled, one thread:
 {sm['softmax_ms']:.1f} ms ({ns:.1f} ns an element). Pieces: the fused `x - max` + exp chain

@@ -360,17 +360,18 @@ def _openblas_threads() -> int | None:
     return int(ctypes.CDLL(None).openblas_get_num_threads()) if _blas.openblas_active() else None
 
 
-def _train_two_streams(two: bool, steps: int = 3) -> tuple[list[float], dict[str, np.ndarray]]:
+def _train_two_streams(two: bool, steps: int = 3, checkpoint: bool = False) -> tuple[list[float], dict[str, np.ndarray]]:
     import mlx.optimizers as optim
 
     from mlx_distill.training import headce, streams
+    from mlx_distill.training.loop import grad_checkpointing
 
     model = _lora_model()
     opt = optim.Adam(learning_rate=1e-2, bias_correction=True)
     opt.init(model.trainable_parameters())
     losses = []
     threads = _openblas_threads()
-    with fastops.fast_cpu_ops(model, enabled=True), headce.chunked_head(8), \
+    with grad_checkpointing(model, checkpoint), fastops.fast_cpu_ops(model, enabled=True), headce.chunked_head(8), \
             streams.two_streams(model, enabled=two) as applied:
         assert applied == two
         assert (type(model.layers[0]) is not llama.TransformerBlock) == two
@@ -396,6 +397,11 @@ def test_two_streams_train_as_one_stream() -> None:
         np.testing.assert_allclose(two_w[k], one_w[k], rtol=1e-4, atol=1e-6, err_msg=k)
     # The fast ops were built for the second stream: their hand-written gradients ran there.
     assert any(s is not None for s in fastops._OPS)
+    # With --grad-checkpoint each half's recomputation runs on its own stream: the same training too.
+    gc, gc_w = _train_two_streams(True, checkpoint=True)
+    assert gc == pytest.approx(one, rel=1e-5)
+    for k in one_w:
+        np.testing.assert_allclose(gc_w[k], one_w[k], rtol=1e-4, atol=1e-6, err_msg=k)
 
 
 def test_two_streams_switch(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -186,6 +186,11 @@ def on_stream(stream: Any) -> Iterator[None]:
         _stream["current"] = old
 
 
+def current_stream() -> Any:
+    """The stream set by :func:`on_stream`, or None."""
+    return _stream["current"]
+
+
 def _op(name: str) -> Any:
     stream = _stream["current"]
     if stream not in _OPS:

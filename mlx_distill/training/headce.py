@@ -1,16 +1,19 @@
 """The lm_head and the cross-entropy, chunked over positions: on the CPU always, elsewhere under ``--grad-checkpoint``.
 
-Neither the (positions, vocab) logits nor their gradient is ever whole: each
-chunk's logits are recomputed in the backward pass (one more lm_head matmul
-per step). At 4 x 353 positions and SmolLM2's 49,152 words the whole logits
-are 278 MB each (logits, softmax, gradient, and the fused ops' temporaries).
+Neither the (positions, vocab) logits nor their gradient is ever whole. Each
+chunk's gradient with respect to the hidden states is made in the forward
+pass, from the chunk's own exps (:func:`_ce_rows`), and kept (positions x
+hidden, 3.3 MB at 1412 x 576); the backward pass only scales it. At 4 x 353
+positions and SmolLM2's 49,152 words the whole logits are 278 MB each.
 Measured on the 2-core box (2026-11-28, ``scripts/bench_cpu_ops.py``), the
-lm_head + cross-entropy and its gradient for 1412 positions, compiled: peak
-memory 2.2 GB whole, 1.39 GB in chunks of 256 rows without the chunk-by-chunk
-dependency below, 1.0 GB with it, 0.26 GB in chunks of :data:`CHUNK_ROWS` = 64
-with it (1.0 GB without); 1.9-2.4 s in every case. In the training step on the
-CPU the speed is unchanged within noise (193.5 vs 198.0 tok/s whole,
-docs/benchmarks.md).
+lm_head + cross-entropy and its gradient for 1412 positions, compiled: whole
+logits 1971 ms and 2224 MB at the peak; chunks of :data:`CHUNK_ROWS` = 64,
+one after the other, 1346 ms and 205 MB (468 MB when MLX's scheduler is left
+to order the chunks: it runs them side by side). Before the
+gradient moved into the forward pass, the backward recomputed each chunk's
+logits and exps: 2382 ms and 264 MB. In the training step the chunked head is
+now faster than whole logits (210.3 vs 178.9 tok/s, docs/benchmarks.md).
+Evaluation (:func:`forward_only`) skips the gradient's matmul.
 """
 
 from __future__ import annotations

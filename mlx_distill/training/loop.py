@@ -57,23 +57,39 @@ class LoopResult:
 def grad_checkpointing(model: Any, enabled: bool) -> Iterator[None]:
     """Recompute the layers' activations in the backward pass, and chunk the lm_head.
 
-    mlx-lm's ``grad_checkpoint`` patches the layer *class*; it is undone
-    afterwards, or every later model of that class in the process (the
-    pipeline's generation stage, other tests) would keep the patched call.
-    The lm_head and cross-entropy then run ``headce.CHUNK_ROWS`` positions at a
-    time (``headce.chunked_head``; on the CPU a lever does so anyway): the
-    (positions x vocab) logits, softmax and gradient are never whole.
+    As mlx-lm's ``grad_checkpoint``, this patches the layer *class*; it is
+    undone afterwards, or every later model of that class in the process
+    (the pipeline's generation stage, other tests) would keep the patched
+    call. Unlike it, the recomputation runs on the MLX stream, and with the
+    fast ops, of the forward call it repeats: with ``training.streams`` each
+    half of the batch has its own (mlx-lm's would recompute both halves on
+    the default stream, one after the other). The lm_head and cross-entropy
+    run ``headce.CHUNK_ROWS`` positions at a time (``headce.chunked_head``; on
+    the CPU a lever does so anyway): the (positions x vocab) logits, softmax
+    and gradient are never whole.
     """
     if not enabled:
         yield
         return
-    from mlx_lm.tuner.trainer import grad_checkpoint
+    import mlx.core as mx
 
+    from mlx_distill.training import fastops
     from mlx_distill.training.headce import CHUNK_ROWS, chunked_head
 
     cls = type(model.layers[0])
     original = cls.__call__
-    grad_checkpoint(model.layers[0])
+
+    def checkpointed(layer: Any, *args: Any, **kwargs: Any) -> Any:
+        stream, ops = mx.default_stream(mx.default_device()), fastops.current_stream()
+
+        def inner(params: Any, *args: Any, **kwargs: Any) -> Any:
+            with mx.stream(stream), fastops.on_stream(ops):
+                layer.update(params)
+                return original(layer, *args, **kwargs)
+
+        return mx.checkpoint(inner)(layer.trainable_parameters(), *args, **kwargs)
+
+    cls.__call__ = checkpointed
     try:
         with chunked_head(CHUNK_ROWS):
             yield
