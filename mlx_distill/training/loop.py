@@ -14,7 +14,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -63,7 +63,10 @@ def grad_checkpointing(model: Any, enabled: bool) -> Iterator[None]:
     call. Unlike it, the recomputation runs on the MLX stream, and with the
     fast ops, of the forward call it repeats: with ``training.streams`` each
     half of the batch has its own (mlx-lm's would recompute both halves on
-    the default stream, one after the other). The lm_head and cross-entropy
+    the default stream, one after the other), and with the packed rows'
+    segments of ``--pack`` (mlx-lm's recomputation runs after the loss has
+    left ``fastops.attention_segments``, so it attended across the packed
+    examples). The lm_head and cross-entropy
     run ``headce.CHUNK_ROWS`` positions at a time (``headce.chunked_head``; on
     the CPU a lever does so anyway): the (positions x vocab) logits, softmax
     and gradient are never whole.
@@ -81,9 +84,14 @@ def grad_checkpointing(model: Any, enabled: bool) -> Iterator[None]:
 
     def checkpointed(layer: Any, *args: Any, **kwargs: Any) -> Any:
         stream, ops = mx.default_stream(mx.default_device()), fastops.current_stream()
+        segments = fastops.packed_segments()  # --pack: gone by the time the backward pass is built
 
         def inner(params: Any, *args: Any, **kwargs: Any) -> Any:
-            with mx.stream(stream), fastops.on_stream(ops):
+            with ExitStack() as stack:
+                stack.enter_context(mx.stream(stream))
+                stack.enter_context(fastops.on_stream(ops))
+                if segments is not None:
+                    stack.enter_context(fastops.attention_segments(layer, segments))
                 layer.update(params)
                 return original(layer, *args, **kwargs)
 

@@ -18,9 +18,9 @@ layers at 4 x 353 tokens 2.93 -> 2.40 s; whole training steps 219.7 / 222.4 /
 Splitting only the attention softmax between two streams, or the whole batch
 by calling the model once per half, gained nothing (see the docs).
 
-Not applied to batches of one row, with a KV cache, or to packed rows
-(``--pack``: the segment ids are the whole batch's). ``MLX_DISTILL_CPU_STREAMS=0``
-turns it off.
+Not applied to batches of one row or with a KV cache; packed rows
+(``--pack``) are split too, each half with its rows' segment ids.
+``MLX_DISTILL_CPU_STREAMS=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from __future__ import annotations
 import ctypes
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 ENV = "MLX_DISTILL_CPU_STREAMS"  # "0": one CPU stream, OpenBLAS on every core
@@ -55,13 +55,18 @@ def _split_class(base: type) -> type:
 
             streams = _state["streams"]
             cache = kwargs.get("cache", args[1] if len(args) > 1 else None)
-            if streams is None or cache is not None or x.shape[0] < 2 or fastops.packed_segments() is not None:
+            if streams is None or cache is not None or x.shape[0] < 2:
                 return base.__call__(self, x, *args, **kwargs)
+            segments = fastops.packed_segments()  # --pack: (B, T), the whole batch's
             outs = []
             for stream, rows in zip(streams, halves(x.shape[0])):
                 # An array mask with a batch axis is the batch's: each half takes its rows.
                 a = [m[rows] if hasattr(m, "ndim") and m.ndim == 4 and m.shape[0] == x.shape[0] else m for m in args]
-                with mx.stream(stream), fastops.on_stream(stream):
+                with ExitStack() as stack:
+                    stack.enter_context(mx.stream(stream))
+                    stack.enter_context(fastops.on_stream(stream))
+                    if segments is not None:
+                        stack.enter_context(fastops.attention_segments(self, segments[rows]))
                     outs.append(base.__call__(self, x[rows], *a, **kwargs))
             return mx.concatenate(outs, axis=0)
 
