@@ -246,7 +246,7 @@ BLIS itself: {figures['blis_sgemm_binds_to_blis']}):
 
 Training forward of the demo model's {fw['layers']} layers (compiled, CPU levers on, 4 x 353 tokens, no
 head): {fw['forward_ms']:.0f} ms, {fw['forward_ms'] / fw['layers']:.0f} ms a layer, with the batch's halves on two
-CPU streams (OpenBLAS at one thread); {fw1['forward_ms']:.0f} ms on one stream
+CPU streams (OpenBLAS at half the cores); {fw1['forward_ms']:.0f} ms on one stream
 (`MLX_DISTILL_CPU_STREAMS=0`). The same layers' matmuls alone, one stream, OpenBLAS on every core:
 {fw1['matmuls_ms']:.0f} ms.
 

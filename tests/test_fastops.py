@@ -376,8 +376,8 @@ def _train_two_streams(two: bool, steps: int = 3, checkpoint: bool = False) -> t
         assert applied == two
         assert (type(model.layers[0]) is not llama.TransformerBlock) == two
         assert (streams.active_streams() is not None) == two
-        if two and threads is not None:
-            assert _openblas_threads() == 1  # the two halves' matmuls would oversubscribe the cores
+        if two and threads is not None:  # the two halves' matmuls would oversubscribe the cores
+            assert _openblas_threads() == streams.threads_per_stream(len(os.sched_getaffinity(0)))
         step = make_step(model, opt, lm_loss, mx.distributed.init())
         for _ in range(steps):
             value, *_ = step(*_batch())
@@ -416,3 +416,4 @@ def test_two_streams_switch(monkeypatch: pytest.MonkeyPatch) -> None:
         assert outer and not inner  # nested: applied once, undone once
     assert type(model.layers[0]) is llama.TransformerBlock
     assert streams.halves(5) == [slice(0, 2), slice(2, 5)]
+    assert [streams.threads_per_stream(n) for n in (1, 2, 3, 8)] == [1, 1, 1, 4]

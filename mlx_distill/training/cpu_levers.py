@@ -8,13 +8,17 @@ Measured on the 2-core x86 box of docs/benchmarks.md, one training step of
   element; the step: 19.4 -> 15.1 s of CPU).
 * ``fastops.fast_cpu_ops``: the multiply-add exp and fused losses.
 * ``headce.chunked_head``: the lm_head + cross-entropy in chunks of 64
-  positions, as under ``--grad-checkpoint`` (peak RSS 3.19 -> 2.4 GB;
-  193.5 vs 198.0 tok/s with whole logits, within noise).
+  positions, as under ``--grad-checkpoint``, each chunk's gradient made in
+  its forward pass (peak RSS 3.22 -> 2.38 GB; 172.3 -> 272.4 tok/s against
+  whole logits, 2026-11-28).
+* ``streams.two_streams``: each half of the batch on its own MLX CPU stream
+  (thread), OpenBLAS at half the cores meanwhile (217.5 -> 272.4 tok/s).
 
 Tried and removed (docs/benchmarks.md, "Performance levers"): glibc malloc
-tuning with ``mallopt`` (84.5 vs 82.0 tok/s, within noise, and 1 GB more RSS)
-and one MLX CPU stream per core with the batch's rows split between them
-(102.4 vs 105.6 tok/s: OpenBLAS already keeps both cores busy in the matmuls).
+tuning with ``mallopt`` (84.5 vs 82.0 tok/s, within noise, and 1 GB more RSS);
+two streams with the whole model called once per half (no overlap: 225.0 ->
+195.5 tok/s) and half of each attention softmax on a second stream (197.3 ->
+187.9 tok/s).
 
 :func:`cpu_levers` applies them around a training run and undoes them after.
 Each has an opt-out environment variable.

@@ -8,15 +8,18 @@ of the batch's rows on the default CPU stream and the second half on a
 second one (the halves are joined again after each layer), the lm_head +
 cross-entropy splits its positions the same way, the fast ops' hand-written
 gradients run on their half's stream (``fastops.on_stream``), and OpenBLAS is
-set to one thread, so that the two halves' matmuls do not oversubscribe the
-cores. Same numbers as one stream: each row is computed by the same ops.
+set to half the cores (:func:`threads_per_stream`: one thread on 2 cores), so
+that the two halves' matmuls do not oversubscribe the cores. Measured on 2
+cores only. Each row goes through the same ops as on one stream: the same losses
+and weights (``tests/test_fastops.py``).
 
 Measured on the 2-core box (2026-11-28, the demo student, LoRA on 16 of 30
-layers, the bench_train batches; docs/benchmarks.md): the forward of the 30
-layers at 4 x 353 tokens 2.93 -> 2.40 s; whole training steps 219.7 / 222.4 /
-228.7 -> 231.3 / 240.6 / 247.3 tok/s in three alternating rounds (+7%).
-Splitting only the attention softmax between two streams, or the whole batch
-by calling the model once per half, gained nothing (see the docs).
+layers; docs/benchmarks.md): training 217.5 -> 272.4 tok/s (``bench_train``,
+best of two rounds), with ``--grad-checkpoint`` 197.8 tok/s (177.7 on one
+stream in an earlier run that day); the 30
+layers' forward at 4 x 353 tokens 2395 -> 2182 ms (``bench_cpu_ops``).
+Calling the whole model once per half on two streams gained nothing (the two
+graphs did not overlap), nor did splitting only the attention softmax.
 
 Not applied to batches of one row or with a KV cache; packed rows
 (``--pack``) are split too, each half with its rows' segment ids.
@@ -74,6 +77,11 @@ def _split_class(base: type) -> type:
     return _SPLIT_CLASSES[base]
 
 
+def threads_per_stream(cores: int) -> int:
+    """OpenBLAS threads while the two streams run: half the cores each (one on 2 cores)."""
+    return max(1, cores // 2)
+
+
 def _openblas_threads(n: int | None) -> int | None:
     """Set OpenBLAS's thread count (when OpenBLAS is loaded); return the previous one."""
     from mlx_distill import _blas
@@ -109,7 +117,7 @@ def two_streams(model: Any, enabled: bool | None = None) -> Iterator[bool]:
         yield False
         return
     saved = [type(layer) for layer in layers]
-    threads = _openblas_threads(1)
+    threads = _openblas_threads(threads_per_stream(cores))
     _state["streams"] = [mx.default_stream(mx.cpu), _second_stream()]
     try:
         for layer in layers:
