@@ -7,12 +7,12 @@ hidden, 3.3 MB at 1412 x 576); the backward pass only scales it. At 4 x 353
 positions and SmolLM2's 49,152 words the whole logits are 278 MB each.
 Measured on the 2-core box (2026-11-28, ``scripts/bench_cpu_ops.py``), the
 lm_head + cross-entropy and its gradient for 1412 positions, compiled: whole
-logits 1971 ms and 2224 MB at the peak; chunks of :data:`CHUNK_ROWS` = 64,
-one after the other, 1346 ms and 205 MB (468 MB when MLX's scheduler is left
-to order the chunks: it runs them side by side). Before the
-gradient moved into the forward pass, the backward recomputed each chunk's
-logits and exps: 2382 ms and 264 MB. In the training step the chunked head is
-now faster than whole logits (210.3 vs 178.9 tok/s, docs/benchmarks.md).
+logits 1942-1971 ms and 2224 MB at the peak; chunks of :data:`CHUNK_ROWS` =
+64, one after the other, 1240-1346 ms and 205 MB (468 MB when MLX's scheduler
+is left to order the chunks: it runs them side by side). Before the gradient
+moved into the forward pass, the backward recomputed each chunk's logits and
+exps: 2382 ms and 264 MB. In the training step the chunked head is now faster
+than whole logits (272.4 vs 172.3 tok/s, docs/benchmarks.md).
 Evaluation (:func:`forward_only`) skips the gradient's matmul.
 """
 
