@@ -335,7 +335,8 @@ def main() -> None:
     p.add_argument("--max-len", type=int, default=330, help="--model synthetic: longest example")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                    else (os.cpu_count() or 1))
-    p.add_argument("--ways", default="mlx,torch,mlx-plain,mlx-gc", help="comma-separated, of: " + ", ".join(WAYS))
+    p.add_argument("--ways", default=None, help="comma-separated, of: " + ", ".join(WAYS) + " (default: "
+                   "mlx,torch,mlx-plain,mlx-gc, and on the CPU the ablations mlx-no-chunkedhead,mlx-no-streams)")
     p.add_argument("--rounds", type=int, default=1, help="alternating rounds; each way's best round counts")
     p.add_argument("--section", default=None, help="docs/benchmarks.md section (default: train, train-gpu)")
     p.add_argument("--no-write", action="store_true", help="do not touch docs/benchmarks.md")
@@ -349,6 +350,7 @@ def main() -> None:
     args.model = args.model or ("synthetic" if gpu else "demo")
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
     args.batch_size = args.batch_size or (16 if gpu else 4)
+    args.ways = args.ways or "mlx,torch,mlx-plain,mlx-gc" + ("" if gpu else ",mlx-no-chunkedhead,mlx-no-streams")
     if args.worker:
         return {"matmul": worker_matmul, "mlx": worker_mlx, "torch": worker_torch}[args.worker](args)
 
@@ -459,7 +461,7 @@ def main() -> None:
                  "more than 20x).\n" if bundled else
                  f"MLX {args.dtype} matmul, N={blas['n']}: {peak / 1000:.1f} TFLOP/s.\n")
     body = warning + f"""
-`scripts/bench_train.py --model {args.model} --device {args.device} --steps {args.steps} --warmup {args.warmup} --layers {args.layers} --rounds {args.rounds}`:
+`scripts/bench_train.py --model {args.model} --device {args.device} --steps {args.steps} --warmup {args.warmup} --layers {args.layers} --rounds {args.rounds} --ways {",".join(ways)}`:
 {'the demo student (SmolLM2-135M)' if args.model == 'demo' else f'a random-weight {args.shape} model'}, {args.dtype},
 LoRA rank {args.rank} (scale {args.scale:g}; peft lora_alpha {args.rank * args.scale:g}) on the 7 linear modules of
 the last {args.layers} of {cfg['num_hidden_layers']} layers, batch {args.batch_size}, Adam (bias-corrected) lr 1e-4,
