@@ -13,8 +13,13 @@ OpenBLAS is faster alone). In the decode loop (embedded model, 8 prompts,
 on 27.7 CPU-seconds, only the big weights to BLIS 57.0 and 53.7 tok/s,
 none 57.4 and 55.9 tok/s on 40.6 CPU-seconds: between calls OpenBLAS's idle
 threads spin, BLIS's sleep. So every call with at most
-``MLX_DISTILL_SKINNY_ROWS`` rows (default 32) goes to BLIS. For big matmuls
-(training, prompt prefill) Debian's BLIS is ~2x slower than OpenBLAS.
+``MLX_DISTILL_SKINNY_ROWS`` rows (:data:`DEFAULT_ROWS` = 12) goes to BLIS.
+Past that BLIS loses: one decode step of the demo model (``bench_cpu_ops``,
+``decode_rows``; 2026-11-28, ms, OpenBLAS alone vs every call of <= 32 rows
+to BLIS) at 4 rows 96.0 vs 87.8, 8 rows 98.5 vs 97.2, 12 rows 118.5 vs
+115.9, 16 rows 115.3 vs 136.7, 32 rows 158.0 vs 192.6 (the limit was 32
+until then). For big matmuls (training, prompt prefill) Debian's BLIS is
+~2x slower than OpenBLAS.
 
 How: MLX calls ``cblas_sgemm`` from whichever library defined it first in the
 process. A short C shim that defines only ``cblas_sgemm`` is compiled once
@@ -45,6 +50,7 @@ BLIS_CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/blis-openmp/libblis.so.4",
 )
 ENV = "MLX_DISTILL_SKINNY_BLAS"
+DEFAULT_ROWS = 12  # calls with at most this many rows go to BLIS (MLX_DISTILL_SKINNY_ROWS overrides)
 
 SOURCE = r"""
 #define _GNU_SOURCE
@@ -59,7 +65,7 @@ SOURCE = r"""
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float*, int, const float*, int, float,
                          float*, int);
 static sgemm_fn big_fn, small_fn;
-static int max_rows = 32;
+static int max_rows = DEFAULT_ROWS;
 static pthread_once_t once = PTHREAD_ONCE_INIT;
 
 static void init(void) {
@@ -107,7 +113,7 @@ def load(openblas: str) -> str | None:
     cc = shutil.which("gcc") or shutil.which("cc")
     if os.environ.get(ENV, "").strip().lower() in ("0", "false", "off", "no") or not small or not cc:
         return None
-    defines = [f'-DBIG_PATH="{openblas}"', f'-DSMALL_PATH="{small}"']
+    defines = [f'-DBIG_PATH="{openblas}"', f'-DSMALL_PATH="{small}"', f"-DDEFAULT_ROWS={DEFAULT_ROWS}"]
     key = hashlib.sha256("|".join([SOURCE, *defines, cc]).encode()).hexdigest()[:16]
     try:
         from mlx_distill.runs import home

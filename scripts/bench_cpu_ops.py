@@ -18,6 +18,9 @@ Five measurements, each in its own subprocess (the BLAS choice is made when
   layers' matmuls alone.
 * ``decode``: one decode step of the demo model for 8 rows over a 100-token
   KV cache vs its 211 matmuls alone (the fp32 bandwidth floor).
+* ``decode_rows``: the same step for 4 to 32 rows, every skinny matmul to
+  BLIS (``MLX_DISTILL_SKINNY_ROWS=32``) vs OpenBLAS alone: where the shim's
+  row limit belongs.
 
 Usage: scripts/bench_cpu_ops.py [--reps 10] [--no-write]
 """
@@ -164,6 +167,28 @@ def worker_decode(reps: int) -> dict:
             "weights_mb": round(sum(w.nbytes for w in weights) / 1e6)}
 
 
+DECODE_ROWS = (4, 8, 12, 16, 24, 32)
+
+
+def worker_decode_rows(reps: int) -> dict:
+    import mlx_distill  # noqa: F401
+
+    # isort: split
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mlx_distill import models
+
+    model, _, _ = models.load("demo")
+    out = {}
+    for rows in DECODE_ROWS:
+        cache = make_prompt_cache(model)
+        mx.eval(model(mx.array([[1] * 100] * rows), cache=cache))
+        y = mx.array([[5]] * rows)
+        out[str(rows)] = _timed_ms(lambda y=y, cache=cache: mx.argmax(model(y, cache=cache)[:, -1], axis=-1), reps)
+    return out
+
+
 def worker_forward(reps: int) -> dict:
     import mlx_distill  # noqa: F401
 
@@ -188,7 +213,7 @@ def worker_forward(reps: int) -> dict:
 
 
 WORKERS = {"skinny": worker_skinny, "softmax": worker_softmax, "head": worker_head, "decode": worker_decode,
-           "forward": worker_forward}
+           "decode_rows": worker_decode_rows, "forward": worker_forward}
 
 
 def run(kind: str, reps: int, env: dict | None = None) -> dict:
@@ -212,6 +237,8 @@ def main() -> None:
 
     from _benchlib import emit, write_section
 
+    from mlx_distill._skinny_blas import DEFAULT_ROWS as SKINNY_DEFAULT
+
     load0 = os.getloadavg()[0]
     figures: dict[str, Any] = {"bench": "cpu-ops", "reps": args.reps}
     figures["skinny_openblas_ms"] = run("skinny", args.reps, {"MLX_DISTILL_SKINNY_BLAS": "0"})
@@ -220,6 +247,8 @@ def main() -> None:
     figures["softmax"] = run("softmax", args.reps)
     figures["head"] = run("head", args.reps)
     figures["decode"] = run("decode", args.reps)
+    figures["decode_rows_openblas_ms"] = run("decode_rows", args.reps, {"MLX_DISTILL_SKINNY_BLAS": "0"})
+    figures["decode_rows_blis_ms"] = run("decode_rows", args.reps, {"MLX_DISTILL_SKINNY_ROWS": "32"})
     figures["forward"] = run("forward", args.reps)
     figures["forward_one_stream"] = run("forward", args.reps, {"MLX_DISTILL_CPU_STREAMS": "0"})
     figures["load_avg"] = [round(load0, 1), round(os.getloadavg()[0], 1)]
@@ -229,6 +258,8 @@ def main() -> None:
     fw1 = figures["forward_one_stream"]
     skinny_rows = "\n".join(f"| {shape} | {ob[shape]:.2f} | {bl[shape]:.2f} | {ob[shape] / bl[shape]:.2f}x |"
                             for shape in ob)
+    dro, drb = figures["decode_rows_openblas_ms"], figures["decode_rows_blis_ms"]
+    decode_rows = "\n".join(f"| {r} | {dro[r]:.1f} | {drb[r]:.1f} | {dro[r] / drb[r]:.2f}x |" for r in dro)
     head_rows = "\n".join(f"| {name.replace('_', ' ')} | {v['peak_mb']} | {v['ms']:.0f} |" for name, v in hd.items())
     ns = sm["softmax_ms"] * 1e6 / sm["elements"]
     body = f"""
@@ -264,6 +295,14 @@ the chunks without `mx.depends` on the previous one):
 
 Decoding, the demo model, 8 rows over a 100-token KV cache: one step {dc['step_ms']:.1f} ms; its
 {dc['matmuls']} matmuls alone {dc['matmuls_ms']:.1f} ms ({dc['weights_mb']} MB of weights read per step).
+
+The same decode step by rows (ms a step, 100-token KV cache): every skinny matmul through the BLIS shim
+(`MLX_DISTILL_SKINNY_ROWS=32`) vs OpenBLAS alone (`MLX_DISTILL_SKINNY_BLAS=0`). The shim's default
+row limit is {SKINNY_DEFAULT} (`_skinny_blas.py`):
+
+| rows | OpenBLAS | BLIS shim | OpenBLAS / shim |
+| ---: | ---: | ---: | ---: |
+{decode_rows}
 """
     if not args.no_write:
         write_section("cpu-ops", "CPU micro-benchmarks: skinny matmuls, softmax, lm_head memory, decode floor", body)

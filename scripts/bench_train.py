@@ -16,6 +16,9 @@ Ways (``--ways``):
 * ``mlx-plain``: the same trainer with every CPU lever switched off by its
   environment variable: the "before" of docs/benchmarks.md.
 * ``mlx-gc``: ``mlx`` with ``--grad-checkpoint`` (the RSS figure).
+* ``mlx-epoch2``: ``mlx`` trained for two epochs over the batches, measured in
+  the second, where each row starts from the frozen layers' output kept in
+  the first (``training.prefix``); torch recomputes them in every epoch.
 * ``torch``: transformers + peft, eager, fp32 (bf16 with ``--dtype bfloat16``).
 
 Models: ``--model demo`` is the embedded SmolLM2-135M (fp32) trained on the
@@ -56,7 +59,7 @@ LEVER_ENV = {"fastops": ("MLX_DISTILL_FAST_OPS", "0"), "native": ("MLX_DISTILL_N
              "streams": ("MLX_DISTILL_CPU_STREAMS", "0")}
 LEVERS_OFF = dict(LEVER_ENV.values())
 # "mlx-no-<lever>": the trainer with one lever switched off (the ablation rows of the docs).
-WAYS = ["mlx", "mlx-plain", "mlx-gc", "torch", *(f"mlx-no-{k}" for k in LEVER_ENV)]
+WAYS = ["mlx", "mlx-plain", "mlx-gc", "mlx-epoch2", "torch", *(f"mlx-no-{k}" for k in LEVER_ENV)]
 SHAPES = {
     # SmolLM2-135M (the demo student) and Qwen2.5-0.5B, llama-family layouts.
     "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, intermediate_size=1536, num_attention_heads=9,
@@ -133,17 +136,20 @@ def worker_mlx(args: argparse.Namespace) -> None:
     optimizer.init(model.trainable_parameters())
 
     def replay(dataset, batch_size, max_seq_length, loop=False, seed=None, comm_group=None):  # noqa: ANN001
-        for tokens, lengths in batches:
-            yield mx.array(tokens), mx.array(lengths)
+        for _ in range(args.epochs):
+            for tokens, lengths in batches:
+                yield mx.array(tokens), mx.array(lengths)
 
     steps: list[dict] = []
     logs: list[str] = []
-    settings = LoopSettings(batch_size=args.batch_size, max_seq_length=1 << 16, total_steps=len(batches),
-                            steps_per_epoch=len(batches), eval_every=0, save_every=0)
+    settings = LoopSettings(batch_size=args.batch_size, max_seq_length=1 << 16,
+                            total_steps=args.epochs * len(batches), steps_per_epoch=len(batches),
+                            eval_every=0, save_every=0)
     with grad_checkpointing(model, args.grad_checkpoint):
         run_loop(model, optimizer, None, None, settings, loss=_loss(), iterate_batches=replay,
                  group=mx.distributed.init(), write=lambda r: None, checkpoint=lambda step, state: None,
                  on_step=steps.append, progress=False, echo=logs.append)
+    steps = steps[-len(batches):]  # the last epoch's
     Path(args.out).write_text(json.dumps({
         "step_s": [r["step_s"] for r in steps], "tokens": [r["tokens"] for r in steps],
         "loss": [r["loss"] for r in steps], "peak_rss_gb": peak_rss_gb(),
@@ -295,8 +301,10 @@ def run_worker(kind: str, extra: list[str], env: dict) -> dict:
     return result
 
 
-def flops_per_token(cfg: dict, adapted: int, mean_width: float) -> float:
+def flops_per_token(cfg: dict, adapted: int, mean_width: float, forward_layers: int | None = None) -> float:
+    """``forward_layers``: the layers whose forward runs (default all; the adapted ones when the frozen are reused)."""
     d, f, L, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    L = L if forward_layers is None else forward_layers
     heads = cfg["num_attention_heads"]
     hd = cfg.get("head_dim") or d // heads
     kv = cfg["num_key_value_heads"] * hd
@@ -345,12 +353,14 @@ def main() -> None:
     p.add_argument("--batches", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--grad-checkpoint", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--epochs", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args()
     gpu = args.device == "gpu"
     args.model = args.model or ("synthetic" if gpu else "demo")
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
     args.batch_size = args.batch_size or (16 if gpu else 4)
-    args.ways = args.ways or "mlx,torch,mlx-plain,mlx-gc" + ("" if gpu else ",mlx-no-chunkedhead,mlx-no-streams")
+    args.ways = args.ways or "mlx,torch,mlx-plain,mlx-gc,mlx-epoch2" + (
+        "" if gpu else ",mlx-no-chunkedhead,mlx-no-streams")
     if args.worker:
         return {"matmul": worker_matmul, "mlx": worker_mlx, "torch": worker_torch}[args.worker](args)
 
@@ -381,7 +391,7 @@ def main() -> None:
             if way == "torch":
                 res = run_worker("torch", common, env)
             else:
-                extra = ["--grad-checkpoint"] if way == "mlx-gc" else []
+                extra = {"mlx-gc": ["--grad-checkpoint"], "mlx-epoch2": ["--epochs", "2"]}.get(way, [])
                 off = LEVERS_OFF if way == "mlx-plain" else (
                     dict([LEVER_ENV[way[len("mlx-no-"):]]]) if way.startswith("mlx-no-") else {})
                 res = run_worker("mlx", common + extra, {**env, **off})
@@ -394,6 +404,9 @@ def main() -> None:
     best = {w: max(rs, key=lambda x: x["tok_per_s"]) for w, rs in rounds.items()}
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     fpt = flops_per_token(cfg, args.layers, sum(widths) / len(widths))
+    # mlx-epoch2 skips the frozen layers' forward: its share counts only the work it does.
+    fpt_of = {w: flops_per_token(cfg, args.layers, sum(widths) / len(widths), args.layers) if w == "mlx-epoch2"
+              else fpt for w in ways}
     peak = blas["gflops"]
 
     def ratio(a: str, b: str, key: str = "tok_per_s") -> float | None:
@@ -406,8 +419,9 @@ def main() -> None:
         "bench": "train", "device": args.device, "model": args.model, "dtype": args.dtype,
         **{f"{w.replace('-', '_')}_tok_per_s": round(s["tok_per_s"], 1) for w, s in best.items()},
         **{f"{w.replace('-', '_')}_{mem}": round(s[mem], 2) for w, s in best.items() if s.get(mem) is not None},
-        **{f"{w.replace('-', '_')}_flops_share": round(s["tok_per_s"] * fpt / 1e9 / peak, 3) for w, s in best.items()},
+        **{f"{w.replace('-', '_')}_flops_share": round(s["tok_per_s"] * fpt_of[w] / 1e9 / peak, 3) for w, s in best.items()},
         "mlx_over_torch": ratio("mlx", "torch"), "plain_over_torch": ratio("mlx-plain", "torch"),
+        "epoch2_over_torch": ratio("mlx-epoch2", "torch"),
         "levers_speedup": ratio("mlx", "mlx-plain"),
         "mem_ratio_gc": ratio("mlx-gc", "torch", mem), "mem_ratio": ratio("mlx", "torch", mem),
         "matmul_gflops": round(peak, 1), "matmul_n": blas["n"],
@@ -430,12 +444,13 @@ def main() -> None:
     lever_log = next((line for s in best.values() for line in s["log"] if line.startswith("CPU levers")), "")
     names = {"mlx": "MLX, mlx-distill trainer (CPU levers on)" if not gpu else "MLX (mlx[cuda]), mlx-distill trainer",
              "mlx-plain": "MLX, same trainer, CPU levers off", "mlx-gc": "MLX, levers on + --grad-checkpoint",
+             "mlx-epoch2": "MLX, levers on, second epoch (frozen layers' output reused)",
              "torch": "torch + peft (eager)",
              **{f"mlx-no-{k}": f"MLX, levers on except {k} (`{e}={v}`)" for k, (e, v) in LEVER_ENV.items()}}
     unit = "GPU memory (peak allocated)" if gpu else "peak RSS (own process)"
     rows = "\n".join(
         f"| {names[w]} | {s['tok_per_s']:.1f} | {s['min_tok_per_s']:.1f}-{s['max_tok_per_s']:.1f} | "
-        f"{s['step_s']:.2f} | {s[mem]:.2f} GB | {100 * s['tok_per_s'] * fpt / 1e9 / peak:.0f}% | "
+        f"{s['step_s']:.2f} | {s[mem]:.2f} GB | {100 * s['tok_per_s'] * fpt_of[w] / 1e9 / peak:.0f}% | "
         f"{s['first_loss']:.4f} |" for w, s in best.items())
     measured = {"tok_per_s >= 1.0x torch": figures["mlx_over_torch"],
                 "FLOP/s >= 60% of matmul peak": figures.get("mlx_flops_share"),
@@ -445,6 +460,8 @@ def main() -> None:
     parts = []
     if figures["mlx_over_torch"] is not None:
         parts.append(f"MLX / torch tokens/s: **{figures['mlx_over_torch']}x**")
+    if figures["epoch2_over_torch"] is not None:
+        parts.append(f"in the second epoch, with the frozen layers' output reused: {figures['epoch2_over_torch']}x")
     if figures["plain_over_torch"] is not None:
         parts.append(f"with the CPU levers off: {figures['plain_over_torch']}x")
     if figures["levers_speedup"] is not None:
@@ -460,6 +477,10 @@ def main() -> None:
                  f"the bundled BLAS (`MLX_DISTILL_BLAS=off`): **{figures['openblas_speedup']:.0f}x** (target: "
                  "more than 20x).\n" if bundled else
                  f"MLX {args.dtype} matmul, N={blas['n']}: {peak / 1000:.1f} TFLOP/s.\n")
+    epoch2_flops = (f" (mlx-epoch2, whose forward skips the frozen layers: {fpt_of['mlx-epoch2'] / 1e6:.0f} MFLOP)"
+                    if "mlx-epoch2" in best else "")
+    epoch2_note = (" The mlx-epoch2 row is measured in its second epoch over the same batches (its loss: that "
+                   "epoch's first step)." if "mlx-epoch2" in best else "")
     body = warning + f"""
 `scripts/bench_train.py --model {args.model} --device {args.device} --steps {args.steps} --warmup {args.warmup} --layers {args.layers} --rounds {args.rounds} --ways {",".join(ways)}`:
 {'the demo student (SmolLM2-135M)' if args.model == 'demo' else f'a random-weight {args.shape} model'}, {args.dtype},
@@ -468,7 +489,7 @@ the last {args.layers} of {cfg['num_hidden_layers']} layers, batch {args.batch_s
 {args.threads} threads. Every way replays the same {len(batches)} batches ({info['source']}, {info['tokens_min']}-{info['tokens_max']}
 tokens; padded widths {sorted(set(widths))}); the first {args.warmup} steps of each are excluded; tokens/s counts
 real (non-pad) tokens; best of {args.rounds} alternating round(s) (tok/s per round: {figures['all_rounds_tok_per_s']}).
-{('MLX run log: `' + lever_log + '`.') if lever_log else ''}
+{('MLX run log: `' + lever_log + '`.') if lever_log else ''}{epoch2_note}
 
 | Way | tokens/s | per step, min-max | s/step | {unit} | FLOP/s share of matmul peak | loss of step 1 |
 | --- | ---: | ---: | ---: | ---: | ---: | ---: |
@@ -477,7 +498,7 @@ real (non-pad) tokens; best of {args.rounds} alternating round(s) (tok/s per rou
 {summary} Targets: {verdict}.
 
 {blas_line}FLOPs per token ({fpt / 1e6:.0f} MFLOP) count the forward pass over every layer and the input-gradient
-backward pass through the adapted layers and the lm_head; LoRA's own FLOPs are left out.
+backward pass through the adapted layers and the lm_head; LoRA's own FLOPs are left out{epoch2_flops}.
 The 1-minute load average was {load_before:.1f} before and {load_after:.1f} after this run on {os.cpu_count()} cores
 (above the core count, the frameworks were slowed, not necessarily equally: torch's OpenMP threads
 spin-wait and suffer most).

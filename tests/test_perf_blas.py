@@ -17,7 +17,7 @@ def test_matmuls_of_every_row_count_match_numpy() -> None:
     rng = np.random.default_rng(0)
     for n, k in ((130, 96), (1100, 960)):  # a small and a big weight
         w = rng.standard_normal((n, k)).astype(np.float32)
-        for m in (1, 8, 32, 33, 200):  # both sides of the 32-row switch
+        for m in (1, 8, 12, 13, 32, 200):  # both sides of the 12-row switch (and of the old 32)
             a = rng.standard_normal((m, k)).astype(np.float32)
             got = np.array(mx.array(a) @ mx.array(w).T)
             np.testing.assert_allclose(got, a @ w.T, rtol=1e-4, atol=2e-4, err_msg=f"{m} rows, {n}x{k}")

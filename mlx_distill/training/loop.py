@@ -23,6 +23,8 @@ from mlx_distill.errors import DistillError
 from mlx_distill.training.checkpoint import set_optimizer_leaves
 from mlx_distill.training.cpu_levers import cpu_levers
 from mlx_distill.training.losses import LossFn
+from mlx_distill.training.prefix import ENV as PREFIX_ENV
+from mlx_distill.training.prefix import FrozenPrefix, frozen_prefix
 
 
 class TrainingDiverged(DistillError):
@@ -105,11 +107,14 @@ def grad_checkpointing(model: Any, enabled: bool) -> Iterator[None]:
         cls.__call__ = original
 
 
-def make_step(model: Any, optimizer: Any, loss: LossFn, group: Any) -> Callable[..., Any]:
+def make_step(model: Any, optimizer: Any, loss: LossFn, group: Any, prefix: FrozenPrefix | None = None) -> Any:
     """A compiled ``step(tokens, lengths, *extra) -> (loss, ntoks, metrics, tokens, grad_norm)``, all global.
 
     ``extra`` is whatever else the batch iterator yields (e.g. cached teacher
     log-probs for distillation); it is passed on to the loss untouched.
+    With a ``prefix`` (:func:`training.prefix.frozen_prefix`), returns the
+    triple ``(step, capture, replay)``: ``capture(*batch)`` also returns the
+    last frozen layer's output, ``replay(*batch, hidden)`` starts from it.
     """
     import mlx.core as mx
     import mlx.nn as nn
@@ -129,7 +134,6 @@ def make_step(model: Any, optimizer: Any, loss: LossFn, group: Any) -> Callable[
 
     state = [model.state, optimizer.state, mx.random.state]
 
-    @partial(mx.compile, inputs=state, outputs=state)
     def step(*batch: Any) -> Any:
         (_, (value, ntoks, metrics)), grads = value_and_grad(model, *batch)
         n = ntoks.astype(mx.float32)
@@ -146,7 +150,22 @@ def make_step(model: Any, optimizer: Any, loss: LossFn, group: Any) -> Callable[
         real = all_sum(batch[1][:, 1].sum().astype(mx.float32))  # non-pad tokens
         return value_all, n_all, metrics_all, real, grad_norm
 
-    return step
+    compiled = partial(mx.compile, inputs=state, outputs=state)
+    if prefix is None:
+        return compiled(step)
+
+    def capture(*batch: Any) -> Any:
+        with prefix.capturing():
+            out = step(*batch)
+        hidden = prefix.take_captured()  # None (and the prefix off) unless the loss called the model once
+        return (*out, hidden if hidden is not None else mx.zeros((0,)))
+
+    def replay(*batch_and_hidden: Any) -> Any:
+        *batch, hidden = batch_and_hidden
+        with prefix.replaying(hidden):
+            return step(*batch)
+
+    return compiled(step), compiled(capture), compiled(replay)
 
 
 def broadcast_state(model: Any, optimizer: Any, group: Any, step: int) -> int:
@@ -244,24 +263,31 @@ def run_loop(
     ``checkpoint(step, state)`` saves and returns where (or None off rank 0).
     On the CPU the levers of ``cpu_levers`` apply for the whole loop.
     """
-    with cpu_levers(model) as levers:
+    with cpu_levers(model) as levers, frozen_prefix(model, settings.total_steps > settings.steps_per_epoch) as prefix:
         if levers.describe() != "none" and group.rank() == 0:
             echo(f"CPU levers: {levers.describe()}")
+        if prefix is not None and group.rank() == 0:
+            echo(f"frozen layers 0-{prefix.depth - 1}: each row's output of them is kept after its first "
+                 f"epoch and reused in later ones (up to {prefix.budget / 1e9:g} GB, {PREFIX_ENV})")
         return _run_loop(model, optimizer, train_set, valid_set, settings, loss=loss,
                          iterate_batches=iterate_batches, group=group, write=write, checkpoint=checkpoint,
-                         on_step=on_step, progress=progress, echo=echo)
+                         on_step=on_step, progress=progress, echo=echo, prefix=prefix)
 
 
 def _run_loop(
     model: Any, optimizer: Any, train_set: Any, valid_set: Any, settings: LoopSettings, *, loss: LossFn,
     iterate_batches: Callable[..., Any], group: Any, write: Callable[[dict[str, Any]], None],
     checkpoint: Callable[[int, dict[str, Any]], str | None], on_step: Callable[[dict[str, Any]], None] | None,
-    progress: bool, echo: Callable[[str], None],
+    progress: bool, echo: Callable[[str], None], prefix: FrozenPrefix | None = None,
 ) -> LoopResult:
     import mlx.core as mx
 
     s = settings
-    step_fn = make_step(model, optimizer, loss, group)
+    if prefix is None:
+        step_fn, capture, replay = make_step(model, optimizer, loss, group), None, None
+    else:
+        step_fn, capture, replay = make_step(model, optimizer, loss, group, prefix)
+    last_epoch = math.ceil(s.total_steps / s.steps_per_epoch)
     rank0 = group.rank() == 0
     bar = _progress(s.total_steps, s.start_step, enabled=progress and rank0)
     result = LoopResult(steps=s.start_step, tokens=s.start_tokens)
@@ -299,8 +325,18 @@ def _run_loop(
             batch = next(batches)
             # A per-step key makes dropout the same whether or not the run was resumed.
             mx.random.seed(s.seed * 1_000_003 + step)
-            value, ntoks, metrics, real, grad_norm = step_fn(*batch)
-            mx.eval(model.state, optimizer.state, value, ntoks, metrics, real, grad_norm)
+            keys = prefix.keys(batch) if prefix is not None and not prefix.broken else None
+            hidden = prefix.lookup(keys) if keys else None
+            captured = None
+            if hidden is not None:  # every row was trained before: start after the frozen layers
+                value, ntoks, metrics, real, grad_norm = replay(*batch, hidden)
+            elif keys and math.ceil(step / s.steps_per_epoch) < last_epoch and prefix.used < prefix.budget:
+                value, ntoks, metrics, real, grad_norm, captured = capture(*batch)
+            else:
+                value, ntoks, metrics, real, grad_norm = step_fn(*batch)
+            mx.eval(model.state, optimizer.state, value, ntoks, metrics, real, grad_norm, captured)
+            if captured is not None and captured.ndim == 3:
+                prefix.store(keys, captured)
             dt = time.perf_counter() - tic
             loss_v, norm_v = value.item(), grad_norm.item()
             lr = float(optimizer.learning_rate.item())
@@ -326,6 +362,7 @@ def _run_loop(
                 "lr": lr, "tokens": n_real, "tok_per_s": n_real / dt if dt > 0 else 0.0,
                 "peak_mem_gb": mx.get_peak_memory() / 1e9, "time_s": elapsed(),
                 "loss_tokens": int(ntoks.item()), "grad_norm": norm_v, "step_s": dt,
+                **({"frozen_cached": hidden is not None} if prefix is not None else {}),
             }
             record = _round(record)
             write(record)
