@@ -149,3 +149,13 @@ def test_mlx_distill_train_reuses_the_frozen_layer_in_later_epochs(tmp_path: Pat
     steps = [r for r in records(tmp_path / "ad" / "metrics.jsonl") if r["type"] == "train"]
     assert [r["frozen_cached"] for r in steps] == [False, False, True, True]  # 8 examples / batch 4 = 2 a epoch
     assert any(m.startswith("frozen layers 0-0:") for m in logs)
+
+
+def test_a_layer_that_returns_a_tuple_turns_the_store_off() -> None:
+    model = lora_model()
+    with prefix_mod.frozen_prefix(model) as prefix:
+        assert prefix is not None and prefix.depth == 2
+        with prefix.capturing():
+            prefix.captured.append((mx.zeros((1, 2, 3)), None))  # what such a layer would have recorded
+        assert prefix.take_captured() is None and prefix.broken
+        assert prefix.plan((mx.zeros((1, 4), mx.int32),), again=True) == ("plain", None, None)

@@ -283,10 +283,8 @@ def _run_loop(
     import mlx.core as mx
 
     s = settings
-    if prefix is None:
-        step_fn, capture, replay = make_step(model, optimizer, loss, group), None, None
-    else:
-        step_fn, capture, replay = make_step(model, optimizer, loss, group, prefix)
+    steps = make_step(model, optimizer, loss, group, prefix)
+    step_fn, capture, replay = steps if prefix is not None else (steps, None, None)
     last_epoch = math.ceil(s.total_steps / s.steps_per_epoch)
     rank0 = group.rank() == 0
     bar = _progress(s.total_steps, s.start_step, enabled=progress and rank0)
@@ -325,12 +323,12 @@ def _run_loop(
             batch = next(batches)
             # A per-step key makes dropout the same whether or not the run was resumed.
             mx.random.seed(s.seed * 1_000_003 + step)
-            keys = prefix.keys(batch) if prefix is not None and not prefix.broken else None
-            hidden = prefix.lookup(keys) if keys else None
+            again = math.ceil(step / s.steps_per_epoch) < last_epoch  # these rows come back in a later epoch
+            kind, keys, hidden = prefix.plan(batch, again) if prefix is not None else ("plain", None, None)
             captured = None
-            if hidden is not None:  # every row was trained before: start after the frozen layers
+            if kind == "replay":  # every row was trained before: start after the frozen layers
                 value, ntoks, metrics, real, grad_norm = replay(*batch, hidden)
-            elif keys and math.ceil(step / s.steps_per_epoch) < last_epoch and prefix.used < prefix.budget:
+            elif kind == "capture":
                 value, ntoks, metrics, real, grad_norm, captured = capture(*batch)
             else:
                 value, ntoks, metrics, real, grad_norm = step_fn(*batch)
@@ -362,7 +360,7 @@ def _run_loop(
                 "lr": lr, "tokens": n_real, "tok_per_s": n_real / dt if dt > 0 else 0.0,
                 "peak_mem_gb": mx.get_peak_memory() / 1e9, "time_s": elapsed(),
                 "loss_tokens": int(ntoks.item()), "grad_norm": norm_v, "step_s": dt,
-                **({"frozen_cached": hidden is not None} if prefix is not None else {}),
+                **({"frozen_cached": kind == "replay"} if prefix is not None else {}),
             }
             record = _round(record)
             write(record)

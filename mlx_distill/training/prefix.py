@@ -125,11 +125,18 @@ class FrozenPrefix:
             self.mode, self.given = None, None
 
     def take_captured(self) -> Any:
-        """The last frozen layer's output of the traced step; None when the loss did not call the model once."""
-        if len(self.captured) != 1:
+        """The last frozen layer's output of the traced step, or None (and the store off for good).
+
+        None when the loss did not call the model exactly once, or when the
+        layer returned something other than a (batch, positions, hidden) array.
+        """
+        import mlx.core as mx
+
+        out = self.captured[0] if len(self.captured) == 1 else None
+        if not (isinstance(out, mx.array) and out.ndim == 3):
             self.broken = True
             return None
-        return self.captured[0]
+        return out
 
     # -- around the steps ---------------------------------------------------------------------------
 
@@ -149,11 +156,25 @@ class FrozenPrefix:
             keys.append(h.digest())
         return keys
 
+    def plan(self, batch: tuple[Any, ...], again: bool) -> tuple[str, list[bytes] | None, Any]:
+        """How to run this batch's step: ``("replay", keys, hidden)`` when every row is stored,
+        ``("capture", keys, None)`` when the rows come back in a later epoch (``again``) and the
+        budget has room, else ``("plain", None, None)``."""
+        if self.broken:
+            return "plain", None, None
+        keys = self.keys(batch)
+        hidden = self.lookup(keys)
+        if hidden is not None:
+            return "replay", keys, hidden
+        if again and self.used < self.budget:
+            return "capture", keys, None
+        return "plain", None, None
+
     def lookup(self, keys: list[bytes]) -> Any:
         """The batch's stored hidden states (B, T, d), or None unless every row is stored."""
         import mlx.core as mx
 
-        if self.broken or not all(k in self.rows for k in keys):
+        if not all(k in self.rows for k in keys):
             return None
         self.hits += 1
         return mx.stack([self.rows[k] for k in keys])
