@@ -5,8 +5,10 @@ Five measurements, each in its own subprocess (the BLAS choice is made when
 ``mlx_distill`` is imported), on the embedded demo model's shapes, fp32:
 
 * ``skinny``: one matmul of 8 rows by a weight (the lm_head, 1536 x 1536,
-  1536 x 576), OpenBLAS alone (``MLX_DISTILL_SKINNY_BLAS=0``) vs through the
-  BLIS shim; and whether BLIS's ``sgemm_`` binds to BLIS (``LD_DEBUG``).
+  1536 x 576): OpenBLAS alone (``MLX_DISTILL_BLAS=openblas
+  MLX_DISTILL_SKINNY_BLAS=0``), OpenBLAS with the BLIS shim, and MKL
+  (``MLX_DISTILL_BLAS=mkl``, when installed); and whether BLIS's ``sgemm_``
+  binds to BLIS (``LD_DEBUG``).
 * ``softmax``: the fast-ops softmax of 4 x 9 x 353 x 353 attention scores
   (compiled) and its pieces: the fused ``x - max`` + exp chain, the same chain
   over a precomputed array, the row max, the row sum.
@@ -19,8 +21,10 @@ Five measurements, each in its own subprocess (the BLAS choice is made when
 * ``decode``: one decode step of the demo model for 8 rows over a 100-token
   KV cache vs its 211 matmuls alone (the fp32 bandwidth floor).
 * ``decode_rows``: the same step for 4 to 32 rows, every skinny matmul to
-  BLIS (``MLX_DISTILL_SKINNY_ROWS=32``) vs OpenBLAS alone: where the shim's
-  row limit belongs.
+  BLIS (``MLX_DISTILL_SKINNY_ROWS=32``) vs OpenBLAS alone (where the shim's
+  row limit belongs) vs MKL.
+
+The other measurements run on the default BLAS (MKL where installed, else OpenBLAS).
 
 Usage: scripts/bench_cpu_ops.py [--reps 10] [--no-write]
 """
@@ -55,7 +59,7 @@ def _timed_ms(fn: Any, reps: int) -> float:
 
 
 def worker_skinny(reps: int) -> dict:
-    import mlx_distill  # noqa: F401  (OpenBLAS, and the shim unless MLX_DISTILL_SKINNY_BLAS=0)
+    import mlx_distill  # noqa: F401  (MKL or OpenBLAS (+ the BLIS shim unless MLX_DISTILL_SKINNY_BLAS=0))
 
     # isort: split
     import mlx.core as mx
@@ -241,14 +245,21 @@ def main() -> None:
 
     load0 = os.getloadavg()[0]
     figures: dict[str, Any] = {"bench": "cpu-ops", "reps": args.reps}
-    figures["skinny_openblas_ms"] = run("skinny", args.reps, {"MLX_DISTILL_SKINNY_BLAS": "0"})
-    figures["skinny_blis_ms"] = run("skinny", args.reps)
+    from mlx_distill import _blas
+
+    openblas = {"MLX_DISTILL_BLAS": "openblas"}
+    mkl = _blas.mkl_path() is not None
+    figures["blas"] = "mkl" if mkl else "openblas"
+    figures["skinny_openblas_ms"] = run("skinny", args.reps, {**openblas, "MLX_DISTILL_SKINNY_BLAS": "0"})
+    figures["skinny_blis_ms"] = run("skinny", args.reps, openblas)
+    figures["skinny_mkl_ms"] = run("skinny", args.reps, {"MLX_DISTILL_BLAS": "mkl"}) if mkl else None
     figures["blis_sgemm_binds_to_blis"] = blis_binds_to_itself()
     figures["softmax"] = run("softmax", args.reps)
     figures["head"] = run("head", args.reps)
     figures["decode"] = run("decode", args.reps)
-    figures["decode_rows_openblas_ms"] = run("decode_rows", args.reps, {"MLX_DISTILL_SKINNY_BLAS": "0"})
-    figures["decode_rows_blis_ms"] = run("decode_rows", args.reps, {"MLX_DISTILL_SKINNY_ROWS": "32"})
+    figures["decode_rows_openblas_ms"] = run("decode_rows", args.reps, {**openblas, "MLX_DISTILL_SKINNY_BLAS": "0"})
+    figures["decode_rows_blis_ms"] = run("decode_rows", args.reps, {**openblas, "MLX_DISTILL_SKINNY_ROWS": "32"})
+    figures["decode_rows_mkl_ms"] = run("decode_rows", args.reps, {"MLX_DISTILL_BLAS": "mkl"}) if mkl else None
     figures["forward"] = run("forward", args.reps)
     figures["forward_one_stream"] = run("forward", args.reps, {"MLX_DISTILL_CPU_STREAMS": "0"})
     figures["load_avg"] = [round(load0, 1), round(os.getloadavg()[0], 1)]
@@ -256,29 +267,33 @@ def main() -> None:
     ob, bl, sm, hd, dc, fw = (figures["skinny_openblas_ms"], figures["skinny_blis_ms"], figures["softmax"],
                               figures["head"], figures["decode"], figures["forward"])
     fw1 = figures["forward_one_stream"]
-    skinny_rows = "\n".join(f"| {shape} | {ob[shape]:.2f} | {bl[shape]:.2f} | {ob[shape] / bl[shape]:.2f}x |"
-                            for shape in ob)
+    mk = figures["skinny_mkl_ms"] or {}
+    skinny_rows = "\n".join(f"| {shape} | {ob[shape]:.2f} | {bl[shape]:.2f} | {ob[shape] / bl[shape]:.2f}x | "
+                            f"{f'{mk[shape]:.2f}' if mk else '-'} |" for shape in ob)
     dro, drb = figures["decode_rows_openblas_ms"], figures["decode_rows_blis_ms"]
-    decode_rows = "\n".join(f"| {r} | {dro[r]:.1f} | {drb[r]:.1f} | {dro[r] / drb[r]:.2f}x |" for r in dro)
+    drm = figures["decode_rows_mkl_ms"] or {}
+    decode_rows = "\n".join(f"| {r} | {dro[r]:.1f} | {drb[r]:.1f} | {dro[r] / drb[r]:.2f}x | "
+                             f"{f'{drm[r]:.1f}' if drm else '-'} |" for r in dro)
     head_rows = "\n".join(f"| {name.replace('_', ' ')} | {v['peak_mb']} | {v['ms']:.0f} |" for name, v in hd.items())
     ns = sm["softmax_ms"] * 1e6 / sm["elements"]
     body = f"""
 `scripts/bench_cpu_ops.py --reps {args.reps}`: the micro-measurements behind the lever table and the
-"what limits" notes; each in its own process, fp32, best of two batches of {args.reps} calls. The
+"what limits" notes; each in its own process, fp32, best of two batches of {args.reps} calls, on
+{figures['blas']} unless a table says otherwise. The
 1-minute load average was {figures['load_avg'][0]} before and {figures['load_avg'][1]} after, on
 {os.cpu_count()} cores.
 
 Skinny matmuls, 8 rows (ms a call; BLIS through `_skinny_blas`, whose BLIS `sgemm_` binds to
 BLIS itself: {figures['blis_sgemm_binds_to_blis']}):
 
-| x @ weight | OpenBLAS | BLIS shim | OpenBLAS / shim |
-| --- | ---: | ---: | ---: |
+| x @ weight | OpenBLAS | OpenBLAS + BLIS shim | OpenBLAS / shim | MKL |
+| --- | ---: | ---: | ---: | ---: |
 {skinny_rows}
 
 Training forward of the demo model's {fw['layers']} layers (compiled, CPU levers on, 4 x 353 tokens, no
 head): {fw['forward_ms']:.0f} ms, {fw['forward_ms'] / fw['layers']:.0f} ms a layer, with the batch's halves on two
-CPU streams (OpenBLAS at half the cores); {fw1['forward_ms']:.0f} ms on one stream
-(`MLX_DISTILL_CPU_STREAMS=0`). The same layers' matmuls alone, one stream, OpenBLAS on every core:
+CPU streams ({figures['blas']} at half the cores); {fw1['forward_ms']:.0f} ms on one stream
+(`MLX_DISTILL_CPU_STREAMS=0`). The same layers' matmuls alone, one stream, {figures['blas']} on every core:
 {fw1['matmuls_ms']:.0f} ms.
 
 Attention softmax over {sm['elements']:,} scores (4 x 9 x 353 x 353), compiled, one thread:
@@ -300,8 +315,8 @@ The same decode step by rows (ms a step, 100-token KV cache): every skinny matmu
 (`MLX_DISTILL_SKINNY_ROWS=32`) vs OpenBLAS alone (`MLX_DISTILL_SKINNY_BLAS=0`). The shim's default
 row limit is {SKINNY_DEFAULT} (`_skinny_blas.py`):
 
-| rows | OpenBLAS | BLIS shim | OpenBLAS / shim |
-| ---: | ---: | ---: | ---: |
+| rows | OpenBLAS | OpenBLAS + BLIS shim | OpenBLAS / shim | MKL |
+| ---: | ---: | ---: | ---: | ---: |
 {decode_rows}
 """
     if not args.no_write:

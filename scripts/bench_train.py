@@ -14,7 +14,8 @@ Ways (``--ways``):
   levers of ``training.cpu_levers`` apply on a CPU: fast exp ops, native JIT,
   the lm_head + cross-entropy in chunks).
 * ``mlx-plain``: the same trainer with every CPU lever switched off by its
-  environment variable: the "before" of docs/benchmarks.md.
+  environment variable (and OpenBLAS instead of MKL): the "before" of docs/benchmarks.md.
+* ``mlx-no-<lever>``: ``mlx`` with one lever off (``mlx-no-mkl``: OpenBLAS).
 * ``mlx-gc``: ``mlx`` with ``--grad-checkpoint`` (the RSS figure).
 * ``mlx-epoch2``: ``mlx`` trained for two epochs over the batches, measured in
   the second, where each row starts from the frozen layers' output kept in
@@ -56,7 +57,7 @@ sys.path.insert(0, str(ROOT))
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LEVER_ENV = {"fastops": ("MLX_DISTILL_FAST_OPS", "0"), "native": ("MLX_DISTILL_NATIVE_JIT", "0"),
              "skinny": ("MLX_DISTILL_SKINNY_BLAS", "0"), "chunkedhead": ("MLX_DISTILL_CHUNKED_HEAD", "0"),
-             "streams": ("MLX_DISTILL_CPU_STREAMS", "0")}
+             "streams": ("MLX_DISTILL_CPU_STREAMS", "0"), "mkl": ("MLX_DISTILL_BLAS", "openblas")}
 LEVERS_OFF = dict(LEVER_ENV.values())
 # "mlx-no-<lever>": the trainer with one lever switched off (the ablation rows of the docs).
 WAYS = ["mlx", "mlx-plain", "mlx-gc", "mlx-epoch2", "torch", *(f"mlx-no-{k}" for k in LEVER_ENV)]
@@ -85,7 +86,7 @@ def load_batches(path: str) -> list[tuple]:
 
 
 def worker_matmul(args: argparse.Namespace) -> None:
-    import mlx_distill  # noqa: F401  (loads OpenBLAS unless MLX_DISTILL_BLAS=off)
+    import mlx_distill  # noqa: F401  (loads MKL or OpenBLAS unless MLX_DISTILL_BLAS=off)
 
     # isort: split
     import mlx.core as mx
@@ -106,8 +107,7 @@ def worker_matmul(args: argparse.Namespace) -> None:
         # Every product is evaluated: MLX is lazy, and an unevaluated one costs nothing.
         mx.eval([a @ b for _ in range(reps)])
         best = min(best, (time.perf_counter() - t) / reps)
-    Path(args.out).write_text(json.dumps({"gflops": 2 * n**3 / best / 1e9, "openblas": _blas.openblas_active(),
-                                          "n": n}))
+    Path(args.out).write_text(json.dumps({"gflops": 2 * n**3 / best / 1e9, "blas": _blas.kind(), "n": n}))
 
 
 def worker_mlx(args: argparse.Namespace) -> None:
@@ -344,7 +344,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                    else (os.cpu_count() or 1))
     p.add_argument("--ways", default=None, help="comma-separated, of: " + ", ".join(WAYS) + " (default: "
-                   "mlx,torch,mlx-plain,mlx-gc, and on the CPU the ablations mlx-no-chunkedhead,mlx-no-streams)")
+                   "mlx,torch,mlx-plain,mlx-gc,mlx-epoch2, and on the CPU the ablations mlx-no-chunkedhead,"
+                   "mlx-no-streams,mlx-no-mkl)")
     p.add_argument("--rounds", type=int, default=1, help="alternating rounds; each way's best round counts")
     p.add_argument("--section", default=None, help="docs/benchmarks.md section (default: train, train-gpu)")
     p.add_argument("--no-write", action="store_true", help="do not touch docs/benchmarks.md")
@@ -360,7 +361,7 @@ def main() -> None:
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
     args.batch_size = args.batch_size or (16 if gpu else 4)
     args.ways = args.ways or "mlx,torch,mlx-plain,mlx-gc,mlx-epoch2" + (
-        "" if gpu else ",mlx-no-chunkedhead,mlx-no-streams")
+        "" if gpu else ",mlx-no-chunkedhead,mlx-no-streams,mlx-no-mkl")
     if args.worker:
         return {"matmul": worker_matmul, "mlx": worker_mlx, "torch": worker_torch}[args.worker](args)
 
@@ -373,7 +374,7 @@ def main() -> None:
              **{f"{k}_{i}": a for i, b in enumerate(batches) for k, a in zip(("tokens", "lengths"), b)})
     widths = [b[0].shape[1] for b in batches]
     env = {**os.environ, "OPENBLAS_NUM_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads),
-           "TOKENIZERS_PARALLELISM": "false"}
+           "MKL_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
     common = ["--batches", str(work / "batches.npz"), "--model-dir", model_dir, "--rank", str(args.rank),
               "--scale", str(args.scale), "--layers", str(args.layers), "--batch-size", str(args.batch_size),
               "--threads", str(args.threads), "--device", args.device, "--dtype", args.dtype]
@@ -473,7 +474,7 @@ def main() -> None:
     summary = "; ".join(parts) + "." if parts else ""
     warning = ("**Noisy run: the load average exceeded the core count, so the absolute figures are low and "
                "the ratios uncertain; rerun on an idle machine before quoting them.**\n\n" if figures["noisy"] else "")
-    blas_line = (f"MLX fp32 matmul, N=1024: **{peak:.1f} GFLOP/s with OpenBLAS** vs {bundled['gflops']:.2f} with "
+    blas_line = (f"MLX fp32 matmul, N=1024: **{peak:.1f} GFLOP/s with {blas['blas']}** vs {bundled['gflops']:.2f} with "
                  f"the bundled BLAS (`MLX_DISTILL_BLAS=off`): **{figures['openblas_speedup']:.0f}x** (target: "
                  "more than 20x).\n" if bundled else
                  f"MLX {args.dtype} matmul, N={blas['n']}: {peak / 1000:.1f} TFLOP/s.\n")

@@ -109,17 +109,49 @@ def test_missing_demo_package_says_how_to_install(monkeypatch: pytest.MonkeyPatc
         models.demo_gguf_path()
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OpenBLAS preload is Linux-only")
-def test_openblas_is_loaded_or_warned() -> None:
-    code = "import warnings; warnings.simplefilter('always'); import mlx_distill, mlx_distill._blas as b; print(b.openblas_active())"
-    env = {k: v for k, v in os.environ.items() if k != "MLX_DISTILL_BLAS"}
-    ok = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
-    have = any(Path(p).exists() for p in __import__("mlx_distill._blas", fromlist=["x"]).OPENBLAS_CANDIDATES)
-    assert ok.stdout.strip() == str(have)
-    env["MLX_DISTILL_BLAS"] = "/nonexistent/libblas.so.3"
-    missing = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
-    assert "OpenBLAS was not found" in missing.stderr and "libopenblas0-pthread" in missing.stderr
-    assert missing.stderr.count("OpenBLAS was not found") == 1
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the BLAS preload is Linux-only")
+def test_mkl_or_openblas_is_loaded_or_warned() -> None:
+    from mlx_distill import _blas
+
+    code = "import warnings; warnings.simplefilter('always'); import mlx_distill, mlx_distill._blas as b; print(b.kind())"
+    env = {k: v for k, v in os.environ.items() if k not in ("MLX_DISTILL_BLAS", "MKL_THREADING_LAYER")}
+
+    def kind(choice: str | None) -> subprocess.CompletedProcess:
+        e = env if choice is None else {**env, "MLX_DISTILL_BLAS": choice}
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e, timeout=60)
+
+    have_openblas = any(Path(p).exists() for p in _blas.OPENBLAS_CANDIDATES)
+    have_mkl = _blas.mkl_path() is not None
+    default = "mkl" if have_mkl else "openblas" if have_openblas else "bundled"
+    assert kind(None).stdout.strip() == default  # MKL first where it is installed
+    assert kind("openblas").stdout.strip() == ("openblas" if have_openblas else "bundled")
+    if have_mkl:
+        assert kind("mkl").stdout.strip() == "mkl"
+    assert kind("off").stdout.strip() == "bundled"
+    missing = kind("/nonexistent/libblas.so.3")
+    assert "Neither MKL nor OpenBLAS was found" in missing.stderr and "libopenblas0-pthread" in missing.stderr
+    assert "pip install --no-deps mkl==" in missing.stderr
+    assert missing.stderr.count("was found") == 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the BLAS preload is Linux-only")
+def test_blas_threads_can_be_set_and_restored() -> None:
+    """What the two CPU streams do with either BLAS: half the cores while they run, restored after."""
+    from mlx_distill import _blas
+
+    for choice in ("mkl", "openblas"):
+        code = ("import mlx_distill, mlx_distill._blas as b, mlx.core as mx; before = b.set_threads(1); "
+                "mid = b.get_threads(); b.set_threads(before); a = mx.ones((64, 64)); "
+                "print(b.kind(), before, mid, b.get_threads(), (a @ a).sum().item())")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "MLX_DISTILL_BLAS": choice, "MKL_NUM_THREADS": "2",
+                                  "OPENBLAS_NUM_THREADS": "2"})
+        assert out.returncode == 0, out.stderr[-2000:]
+        got = out.stdout.split()
+        if got[0] != choice:  # that BLAS is not installed here
+            assert choice == "mkl" and _blas.mkl_path() is None or choice == "openblas"
+            continue
+        assert got[1:] == ["2", "1", "2", "262144.0"], got
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OpenBLAS preload is Linux-only")

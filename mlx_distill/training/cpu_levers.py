@@ -133,12 +133,13 @@ class Levers:
     native_jit: bool = False
     chunked_head: bool = False
     two_streams: bool = False
+    blas: str = ""  # which BLAS the matmuls run on ("mkl", "openblas"; see mlx_distill._blas)
 
     def describe(self) -> str:
         on = [name for name, v in (("fast CPU ops", self.fast_ops), ("native JIT", self.native_jit),
                                    ("chunked lm_head", self.chunked_head),
                                    ("batch halves on two CPU streams", self.two_streams)) if v]
-        return ", ".join(on) if on else "none"
+        return (", ".join(on) if on else "none") + (f"; matmuls on {self.blas}" if self.blas else "")
 
 
 @contextmanager
@@ -156,6 +157,9 @@ def cpu_levers(model: Any, enabled: bool | None = None) -> Iterator[Levers]:
     levers = Levers()
     with ExitStack() as stack:
         if on:
+            from mlx_distill import _blas
+
+            levers.blas = _blas.kind()
             levers.fast_ops = stack.enter_context(fast_cpu_ops(model))
             levers.native_jit = stack.enter_context(native_cpu_jit(enabled=True))
             if not _off(CHUNKED_HEAD_ENV) and headce.head_of(model) is not None:

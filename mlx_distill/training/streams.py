@@ -1,13 +1,13 @@
 """Training on the CPU with the batch split in two halves, one MLX stream (one thread) each.
 
 Why: MLX 0.32 runs every op of a stream on that stream's one thread, so on
-the CPU only the matmuls (OpenBLAS) use the second core; the softmaxes, the
+the CPU only the matmuls (MKL or OpenBLAS) use the second core; the softmaxes, the
 SwiGLU, the norms and the loss run on one. Each MLX stream has a thread of
 its own. Within :func:`two_streams`, every decoder layer runs the first half
 of the batch's rows on the default CPU stream and the second half on a
 second one (the halves are joined again after each layer), the lm_head +
 cross-entropy splits its positions the same way, the fast ops' hand-written
-gradients run on their half's stream (``fastops.on_stream``), and OpenBLAS is
+gradients run on their half's stream (``fastops.on_stream``), and the BLAS is
 set to half the cores (:func:`threads_per_stream`: one thread on 2 cores), so
 that the two halves' matmuls do not oversubscribe the cores. Measured on 2
 cores only. Each row goes through the same ops as on one stream: the same losses
@@ -28,13 +28,12 @@ Not applied to batches of one row or with a KV cache; packed rows
 
 from __future__ import annotations
 
-import ctypes
 import os
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
-ENV = "MLX_DISTILL_CPU_STREAMS"  # "0": one CPU stream, OpenBLAS on every core
+ENV = "MLX_DISTILL_CPU_STREAMS"  # "0": one CPU stream, the BLAS on every core
 _state: dict[str, Any] = {"streams": None}
 _SPLIT_CLASSES: dict[type, type] = {}
 
@@ -78,23 +77,15 @@ def _split_class(base: type) -> type:
 
 
 def threads_per_stream(cores: int) -> int:
-    """OpenBLAS threads while the two streams run: half the cores each (one on 2 cores)."""
+    """BLAS threads while the two streams run: half the cores each (one on 2 cores)."""
     return max(1, cores // 2)
 
 
-def _openblas_threads(n: int | None) -> int | None:
-    """Set OpenBLAS's thread count (when OpenBLAS is loaded); return the previous one."""
+def _blas_threads(n: int | None) -> int | None:
+    """Set the BLAS's thread count (MKL or OpenBLAS, when loaded); return the previous one."""
     from mlx_distill import _blas
 
-    if n is None or not _blas.openblas_active():
-        return None
-    try:
-        lib = ctypes.CDLL(None)
-        before = int(lib.openblas_get_num_threads())
-        lib.openblas_set_num_threads(n)
-    except (AttributeError, OSError):
-        return None
-    return before
+    return _blas.set_threads(n)
 
 
 @contextmanager
@@ -103,7 +94,7 @@ def two_streams(model: Any, enabled: bool | None = None) -> Iterator[bool]:
 
     Default: on with the fast CPU ops (``fastops.use_fast_ops``) on a
     machine with 2 or more cores. Undone on exit (the layers' classes, the
-    OpenBLAS thread count). Yields whether it applied.
+    BLAS thread count). Yields whether it applied.
     """
     import mlx.core as mx
 
@@ -117,7 +108,7 @@ def two_streams(model: Any, enabled: bool | None = None) -> Iterator[bool]:
         yield False
         return
     saved = [type(layer) for layer in layers]
-    threads = _openblas_threads(threads_per_stream(cores))
+    threads = _blas_threads(threads_per_stream(cores))
     _state["streams"] = [mx.default_stream(mx.cpu), _second_stream()]
     try:
         for layer in layers:
@@ -127,7 +118,7 @@ def two_streams(model: Any, enabled: bool | None = None) -> Iterator[bool]:
         _state["streams"] = None
         for layer, cls in zip(layers, saved):
             layer.__class__ = cls
-        _openblas_threads(threads)
+        _blas_threads(threads)
 
 
 def _second_stream() -> Any:
