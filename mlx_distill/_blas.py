@@ -5,18 +5,26 @@ The ``mlx[cpu]`` wheel bundles a reference BLAS that runs fp32 matmul at about
 same machine (see docs/benchmarks.md). Loading a BLAS with RTLD_GLOBAL first
 makes its ``cblas_sgemm`` win the symbol lookup when ``libmlx`` is loaded.
 
-Intel MKL (the ``mkl`` wheel, Linux x86-64; ``scripts/setup.sh`` installs it
-with ``--no-deps``) is preferred where it is installed: on the 2-core box
-(2026-11-28) its matmuls of the training shapes ran 10-15% faster than
-OpenBLAS 0.3.21 at one thread (706 x 576 @ 576 x 1536: 207 vs 181 GFLOP/s)
-and the lm_head's 64-row chunks ~30% faster; the training step 266.8 / 274.8
--> 298.7 / 300.3 tok/s and one decode step of 8 rows 96.0 -> 74.5 ms
-(``scripts/bench_train.py``, ``scripts/bench_cpu_ops.py``). It runs on GNU
-OpenMP (``MKL_THREADING_LAYER=GNU``, the system's ``libgomp.so.1``), so the
-wheel's ``intel-openmp`` and ``tbb`` dependencies are not needed.
+Intel MKL (the ``mkl`` wheel, Linux x86-64, ``pip install --no-deps
+mkl==2026.2.0``) is opt-in: ``MLX_DISTILL_BLAS=mkl``. It runs on GNU OpenMP
+(``MKL_THREADING_LAYER=GNU``, the system's ``libgomp.so.1``), so the wheel's
+``intel-openmp`` and ``tbb`` dependencies are not needed. Measured on the
+2-core box (2026-11-28): its matmuls of the training shapes ran 10-15% faster
+than OpenBLAS 0.3.21 at one thread (706 x 576 @ 576 x 1536: 207 vs 181
+GFLOP/s), the lm_head's 64-row chunks ~30% faster, and training 277.7 ->
+298.9 tok/s (``scripts/bench_train.py``). But MLX calls the BLAS from more
+than one thread (each stream is a thread; generation runs on a stream of its
+own), and then MKL's OpenMP teams fight over the cores: after a
+``generate_batch`` a plain decode loop on the default stream took 334 ms a
+step against 100 with OpenBLAS, and with torch in the same process
+(transformers' generate) MLX's generation ran at 21 against 54 tok/s.
+``OMP_WAIT_POLICY=PASSIVE`` made every step slow (349 ms), MKL's sequential
+layer decoding slower than OpenBLAS (128 vs 100 ms). So it is not the
+default; training alone (``mlx-distill train`` in its own process, where the
+two CPU streams run MKL at one thread each) is where it pays.
 
-``MLX_DISTILL_BLAS`` chooses: ``mkl``, ``openblas``, ``off`` (MLX's bundled
-BLAS) or a library path; unset, MKL if installed, else OpenBLAS.
+``MLX_DISTILL_BLAS`` chooses: ``openblas`` (the default), ``mkl``, ``off``
+(MLX's bundled BLAS) or a library path.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ OPENBLAS_CANDIDATES = (
 MKL_PIN = "mkl==2026.2.0"
 FIX = (
     "Install it with `sudo apt-get install -y libopenblas0-pthread` (Debian/Ubuntu), or on x86-64 "
-    f"`pip install --no-deps {MKL_PIN}`, or point MLX_DISTILL_BLAS at a BLAS library"
+    f"`pip install --no-deps {MKL_PIN}` and set MLX_DISTILL_BLAS=mkl, or point MLX_DISTILL_BLAS at a BLAS library"
 )
 
 _state: dict[str, object] = {"path": None, "warned": False}
@@ -63,14 +71,12 @@ def mkl_path() -> str | None:
 
 def _candidates() -> list[str]:
     custom = os.environ.get("MLX_DISTILL_BLAS", "").strip()
-    mkl = mkl_path() if custom.lower() in ("", "mkl") else None
     if custom.lower() == "mkl":
+        mkl = mkl_path()
         return [mkl] if mkl else []
-    if custom.lower() == "openblas":
+    if custom.lower() in ("", "openblas"):
         return list(OPENBLAS_CANDIDATES)
-    if custom:
-        return [custom]
-    return ([mkl] if mkl else []) + list(OPENBLAS_CANDIDATES)
+    return [custom]
 
 
 def preload() -> str | None:
@@ -109,7 +115,8 @@ def preload() -> str | None:
                     f"first, or run with LD_PRELOAD={path}"
                 )
             return path
-    _warn(f"Neither MKL nor OpenBLAS was found, so MLX on this Linux CPU uses its bundled reference BLAS (about 30x slower fp32 matmul). {FIX}.")
+    what = "MKL (MLX_DISTILL_BLAS=mkl)" if os.environ.get("MLX_DISTILL_BLAS", "").strip().lower() == "mkl" else "OpenBLAS"
+    _warn(f"{what} was not found, so MLX on this Linux CPU uses its bundled reference BLAS (about 30x slower fp32 matmul). {FIX}.")
     return None
 
 

@@ -73,7 +73,7 @@ def worker_skinny(reps: int) -> dict:
 
 
 def blis_binds_to_itself() -> bool | None:
-    """None without the shim; else whether BLIS's ``sgemm_`` binds inside BLIS."""
+    """None without the shim; else whether BLIS's ``sgemm_`` binds inside BLIS (the shim serves OpenBLAS only)."""
     from mlx_distill import _skinny_blas
 
     blis = _skinny_blas.blis_path()
@@ -81,7 +81,7 @@ def blis_binds_to_itself() -> bool | None:
         return None
     code = "import mlx_distill, mlx.core as mx; mx.eval(mx.ones((8, 576)) @ mx.ones((2048, 576)).T)"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "LD_DEBUG": "bindings"})
+                         env={**os.environ, "LD_DEBUG": "bindings", "MLX_DISTILL_BLAS": "openblas"})
     lines = [x for x in res.stderr.splitlines() if f"binding file {blis} " in x and "symbol `sgemm_'" in x]
     return bool(lines) and all(f" to {blis} " in x for x in lines)
 

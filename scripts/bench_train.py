@@ -14,8 +14,10 @@ Ways (``--ways``):
   levers of ``training.cpu_levers`` apply on a CPU: fast exp ops, native JIT,
   the lm_head + cross-entropy in chunks).
 * ``mlx-plain``: the same trainer with every CPU lever switched off by its
-  environment variable (and OpenBLAS instead of MKL): the "before" of docs/benchmarks.md.
-* ``mlx-no-<lever>``: ``mlx`` with one lever off (``mlx-no-mkl``: OpenBLAS).
+  environment variable: the "before" of docs/benchmarks.md.
+* ``mlx-no-<lever>``: ``mlx`` with one lever off.
+* ``mlx-mkl``, ``mlx-mkl-epoch2``: ``mlx`` and ``mlx-epoch2`` with MLX's matmuls
+  on Intel MKL (``MLX_DISTILL_BLAS=mkl``, opt-in; skipped when not installed).
 * ``mlx-gc``: ``mlx`` with ``--grad-checkpoint`` (the RSS figure).
 * ``mlx-epoch2``: ``mlx`` trained for two epochs over the batches, measured in
   the second, where each row starts from the frozen layers' output kept in
@@ -57,10 +59,12 @@ sys.path.insert(0, str(ROOT))
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LEVER_ENV = {"fastops": ("MLX_DISTILL_FAST_OPS", "0"), "native": ("MLX_DISTILL_NATIVE_JIT", "0"),
              "skinny": ("MLX_DISTILL_SKINNY_BLAS", "0"), "chunkedhead": ("MLX_DISTILL_CHUNKED_HEAD", "0"),
-             "streams": ("MLX_DISTILL_CPU_STREAMS", "0"), "mkl": ("MLX_DISTILL_BLAS", "openblas")}
+             "streams": ("MLX_DISTILL_CPU_STREAMS", "0")}
 LEVERS_OFF = dict(LEVER_ENV.values())
 # "mlx-no-<lever>": the trainer with one lever switched off (the ablation rows of the docs).
-WAYS = ["mlx", "mlx-plain", "mlx-gc", "mlx-epoch2", "torch", *(f"mlx-no-{k}" for k in LEVER_ENV)]
+WAYS = ["mlx", "mlx-plain", "mlx-gc", "mlx-epoch2", "mlx-mkl", "mlx-mkl-epoch2", "torch",
+        *(f"mlx-no-{k}" for k in LEVER_ENV)]
+MKL_ENV = {"MLX_DISTILL_BLAS": "mkl"}  # the opt-in BLAS of the mlx-mkl ways
 SHAPES = {
     # SmolLM2-135M (the demo student) and Qwen2.5-0.5B, llama-family layouts.
     "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, intermediate_size=1536, num_attention_heads=9,
@@ -344,8 +348,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                    else (os.cpu_count() or 1))
     p.add_argument("--ways", default=None, help="comma-separated, of: " + ", ".join(WAYS) + " (default: "
-                   "mlx,torch,mlx-plain,mlx-gc,mlx-epoch2, and on the CPU the ablations mlx-no-chunkedhead,"
-                   "mlx-no-streams,mlx-no-mkl)")
+                   "mlx,torch,mlx-plain,mlx-gc,mlx-epoch2, and on the CPU mlx-mkl,mlx-mkl-epoch2 and the "
+                   "ablations mlx-no-chunkedhead,mlx-no-streams)")
     p.add_argument("--rounds", type=int, default=1, help="alternating rounds; each way's best round counts")
     p.add_argument("--section", default=None, help="docs/benchmarks.md section (default: train, train-gpu)")
     p.add_argument("--no-write", action="store_true", help="do not touch docs/benchmarks.md")
@@ -361,7 +365,7 @@ def main() -> None:
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
     args.batch_size = args.batch_size or (16 if gpu else 4)
     args.ways = args.ways or "mlx,torch,mlx-plain,mlx-gc,mlx-epoch2" + (
-        "" if gpu else ",mlx-no-chunkedhead,mlx-no-streams,mlx-no-mkl")
+        "" if gpu else ",mlx-mkl,mlx-mkl-epoch2,mlx-no-chunkedhead,mlx-no-streams")
     if args.worker:
         return {"matmul": worker_matmul, "mlx": worker_mlx, "torch": worker_torch}[args.worker](args)
 
@@ -382,6 +386,11 @@ def main() -> None:
     unknown = set(ways) - set(WAYS)
     if unknown:
         raise SystemExit(f"--ways: unknown {sorted(unknown)}; expected some of {', '.join(WAYS)}")
+    from mlx_distill import _blas
+
+    if _blas.mkl_path() is None and any(w.startswith("mlx-mkl") for w in ways):
+        print("mkl is not installed (pip install --no-deps mkl==2026.2.0): skipping the mlx-mkl ways", flush=True)
+        ways = [w for w in ways if not w.startswith("mlx-mkl")]
     load_before = os.getloadavg()[0]
     mm = ["--device", args.device, "--dtype", args.dtype]
     blas = run_worker("matmul", mm, env)
@@ -392,9 +401,10 @@ def main() -> None:
             if way == "torch":
                 res = run_worker("torch", common, env)
             else:
-                extra = {"mlx-gc": ["--grad-checkpoint"], "mlx-epoch2": ["--epochs", "2"]}.get(way, [])
+                extra = ["--epochs", "2"] if way.endswith("epoch2") else ["--grad-checkpoint"] if way == "mlx-gc" else []
                 off = LEVERS_OFF if way == "mlx-plain" else (
                     dict([LEVER_ENV[way[len("mlx-no-"):]]]) if way.startswith("mlx-no-") else {})
+                off = {**off, **MKL_ENV} if way.startswith("mlx-mkl") else off
                 res = run_worker("mlx", common + extra, {**env, **off})
             s = summarise(res, args.warmup)
             rounds[way].append(s)
@@ -406,7 +416,7 @@ def main() -> None:
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     fpt = flops_per_token(cfg, args.layers, sum(widths) / len(widths))
     # mlx-epoch2 skips the frozen layers' forward: its share counts only the work it does.
-    fpt_of = {w: flops_per_token(cfg, args.layers, sum(widths) / len(widths), args.layers) if w == "mlx-epoch2"
+    fpt_of = {w: flops_per_token(cfg, args.layers, sum(widths) / len(widths), args.layers) if w.endswith("epoch2")
               else fpt for w in ways}
     peak = blas["gflops"]
 
@@ -423,6 +433,8 @@ def main() -> None:
         **{f"{w.replace('-', '_')}_flops_share": round(s["tok_per_s"] * fpt_of[w] / 1e9 / peak, 3) for w, s in best.items()},
         "mlx_over_torch": ratio("mlx", "torch"), "plain_over_torch": ratio("mlx-plain", "torch"),
         "epoch2_over_torch": ratio("mlx-epoch2", "torch"),
+        "mkl_over_torch": ratio("mlx-mkl", "torch"), "mkl_epoch2_over_torch": ratio("mlx-mkl-epoch2", "torch"),
+        "mkl_speedup": ratio("mlx-mkl", "mlx"),
         "levers_speedup": ratio("mlx", "mlx-plain"),
         "mem_ratio_gc": ratio("mlx-gc", "torch", mem), "mem_ratio": ratio("mlx", "torch", mem),
         "matmul_gflops": round(peak, 1), "matmul_n": blas["n"],
@@ -446,6 +458,8 @@ def main() -> None:
     names = {"mlx": "MLX, mlx-distill trainer (CPU levers on)" if not gpu else "MLX (mlx[cuda]), mlx-distill trainer",
              "mlx-plain": "MLX, same trainer, CPU levers off", "mlx-gc": "MLX, levers on + --grad-checkpoint",
              "mlx-epoch2": "MLX, levers on, second epoch (frozen layers' output reused)",
+             "mlx-mkl": "MLX, levers on, matmuls on MKL (`MLX_DISTILL_BLAS=mkl`)",
+             "mlx-mkl-epoch2": "MLX, levers on, MKL, second epoch",
              "torch": "torch + peft (eager)",
              **{f"mlx-no-{k}": f"MLX, levers on except {k} (`{e}={v}`)" for k, (e, v) in LEVER_ENV.items()}}
     unit = "GPU memory (peak allocated)" if gpu else "peak RSS (own process)"
@@ -463,6 +477,10 @@ def main() -> None:
         parts.append(f"MLX / torch tokens/s: **{figures['mlx_over_torch']}x**")
     if figures["epoch2_over_torch"] is not None:
         parts.append(f"in the second epoch, with the frozen layers' output reused: {figures['epoch2_over_torch']}x")
+    if figures["mkl_over_torch"] is not None:
+        parts.append(f"with MLX_DISTILL_BLAS=mkl: {figures['mkl_over_torch']}x"
+                     + (f", {figures['mkl_epoch2_over_torch']}x in the second epoch"
+                        if figures["mkl_epoch2_over_torch"] is not None else ""))
     if figures["plain_over_torch"] is not None:
         parts.append(f"with the CPU levers off: {figures['plain_over_torch']}x")
     if figures["levers_speedup"] is not None:
@@ -478,10 +496,11 @@ def main() -> None:
                  f"the bundled BLAS (`MLX_DISTILL_BLAS=off`): **{figures['openblas_speedup']:.0f}x** (target: "
                  "more than 20x).\n" if bundled else
                  f"MLX {args.dtype} matmul, N={blas['n']}: {peak / 1000:.1f} TFLOP/s.\n")
-    epoch2_flops = (f" (mlx-epoch2, whose forward skips the frozen layers: {fpt_of['mlx-epoch2'] / 1e6:.0f} MFLOP)"
-                    if "mlx-epoch2" in best else "")
-    epoch2_note = (" The mlx-epoch2 row is measured in its second epoch over the same batches (its loss: that "
-                   "epoch's first step)." if "mlx-epoch2" in best else "")
+    second = [w for w in best if w.endswith("epoch2")]
+    epoch2_flops = (f" ({' and '.join(second)}, whose forward skips the frozen layers: "
+                    f"{fpt_of[second[0]] / 1e6:.0f} MFLOP)" if second else "")
+    epoch2_note = (f" The {' and '.join(second)} row(s) are measured in their second epoch over the same batches "
+                   "(the loss: that epoch's first step)." if second else "")
     body = warning + f"""
 `scripts/bench_train.py --model {args.model} --device {args.device} --steps {args.steps} --warmup {args.warmup} --layers {args.layers} --rounds {args.rounds} --ways {",".join(ways)}`:
 {'the demo student (SmolLM2-135M)' if args.model == 'demo' else f'a random-weight {args.shape} model'}, {args.dtype},

