@@ -12,7 +12,7 @@ mkl==2026.2.0``) is opt-in: ``MLX_DISTILL_BLAS=mkl``. It runs on GNU OpenMP
 2-core box (2026-11-28): its matmuls of the training shapes ran 10-15% faster
 than OpenBLAS 0.3.21 at one thread (706 x 576 @ 576 x 1536: 207 vs 181
 GFLOP/s), the lm_head's 64-row chunks ~30% faster, and training 277.7 ->
-298.9 tok/s (``scripts/bench_train.py``). But MLX calls the BLAS from more
+298.9 and 277.9 -> 312.3 tok/s in two runs (``scripts/bench_train.py``). But MLX calls the BLAS from more
 than one thread (each stream is a thread; generation runs on a stream of its
 own), and then MKL's OpenMP teams fight over the cores: after a
 ``generate_batch`` a plain decode loop on the default stream took 334 ms a

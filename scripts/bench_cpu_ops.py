@@ -24,7 +24,7 @@ Five measurements, each in its own subprocess (the BLAS choice is made when
   BLIS (``MLX_DISTILL_SKINNY_ROWS=32``) vs OpenBLAS alone (where the shim's
   row limit belongs) vs MKL.
 
-The other measurements run on the default BLAS (MKL where installed, else OpenBLAS).
+The other measurements run on the default BLAS (OpenBLAS; ``MLX_DISTILL_BLAS`` changes it).
 
 Usage: scripts/bench_cpu_ops.py [--reps 10] [--no-write]
 """
@@ -212,7 +212,9 @@ def worker_forward(reps: int) -> dict:
     with cpu_levers(model):  # the training forward: fast ops, native JIT, two streams (unless turned off)
         body = mx.compile(lambda x: model.model(x), inputs=[model.state])
         forward_ms = _timed_ms(lambda: body(x), max(1, reps // 5))
-    return {"layers": len(layers), "forward_ms": forward_ms,
+    from mlx_distill import _blas
+
+    return {"layers": len(layers), "forward_ms": forward_ms, "blas": _blas.kind(),
             "matmuls_ms": _timed_ms(lambda: [xs[w.shape[1]] @ w.T for w in weights], max(1, reps // 5))}
 
 
@@ -249,7 +251,6 @@ def main() -> None:
 
     openblas = {"MLX_DISTILL_BLAS": "openblas"}
     mkl = _blas.mkl_path() is not None
-    figures["blas"] = "mkl" if mkl else "openblas"
     figures["skinny_openblas_ms"] = run("skinny", args.reps, {**openblas, "MLX_DISTILL_SKINNY_BLAS": "0"})
     figures["skinny_blis_ms"] = run("skinny", args.reps, openblas)
     figures["skinny_mkl_ms"] = run("skinny", args.reps, {"MLX_DISTILL_BLAS": "mkl"}) if mkl else None
@@ -262,6 +263,7 @@ def main() -> None:
     figures["decode_rows_mkl_ms"] = run("decode_rows", args.reps, {"MLX_DISTILL_BLAS": "mkl"}) if mkl else None
     figures["forward"] = run("forward", args.reps)
     figures["forward_one_stream"] = run("forward", args.reps, {"MLX_DISTILL_CPU_STREAMS": "0"})
+    figures["blas"] = figures["forward"]["blas"]  # the default BLAS, which the other measurements ran on
     figures["load_avg"] = [round(load0, 1), round(os.getloadavg()[0], 1)]
 
     ob, bl, sm, hd, dc, fw = (figures["skinny_openblas_ms"], figures["skinny_blis_ms"], figures["softmax"],
