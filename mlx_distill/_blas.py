@@ -1,4 +1,4 @@
-"""Make MLX use a fast BLAS on Linux before ``mlx.core`` is imported: Intel MKL, else OpenBLAS.
+"""Make MLX use a fast BLAS on Linux before ``mlx.core`` is imported: OpenBLAS, or Intel MKL on request.
 
 The ``mlx[cpu]`` wheel bundles a reference BLAS that runs fp32 matmul at about
 4 GFLOP/s on a 2-core x86 box; Debian's OpenBLAS reaches 100-300 GFLOP/s on the
@@ -50,7 +50,8 @@ _state: dict[str, object] = {"path": None, "warned": False}
 
 
 def mkl_path() -> str | None:
-    """``libmkl_rt`` from an installed ``mkl`` wheel whose OpenMP runtime (GNU) loads, or None."""
+    """``libmkl_rt`` from an installed ``mkl`` wheel whose OpenMP runtime (GNU) is on the system, or None."""
+    import ctypes.util
     from importlib import metadata
 
     try:
@@ -61,11 +62,9 @@ def mkl_path() -> str | None:
     path = os.path.realpath(str(dist.locate_file(rt[0]))) if rt else None
     if not path or not os.path.exists(path):
         return None
-    if os.environ.get("MKL_THREADING_LAYER", "GNU").upper() == "GNU":
-        try:  # without it MKL's GNU threading layer would exit the process at the first matmul
-            ctypes.CDLL("libgomp.so.1", mode=os.RTLD_GLOBAL)
-        except OSError:
-            return None
+    # Without libgomp, MKL's GNU threading layer would exit the process at the first matmul.
+    if os.environ.get("MKL_THREADING_LAYER", "GNU").upper() == "GNU" and not ctypes.util.find_library("gomp"):
+        return None
     return path
 
 
@@ -99,6 +98,11 @@ def preload() -> str | None:
                 # GNU OpenMP (libgomp) instead of the intel-openmp wheel; 32-bit ints as MLX passes them.
                 os.environ.setdefault("MKL_THREADING_LAYER", "GNU")
                 os.environ.setdefault("MKL_INTERFACE_LAYER", "LP64")
+                if os.environ["MKL_THREADING_LAYER"].upper() == "GNU":
+                    try:
+                        ctypes.CDLL("libgomp.so.1", mode=os.RTLD_GLOBAL)
+                    except OSError:
+                        continue
             elif not late and "openblas" in path:  # skinny matmuls (decoding) to BLIS: see _skinny_blas
                 from mlx_distill import _skinny_blas
 

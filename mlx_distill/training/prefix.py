@@ -22,9 +22,10 @@ demo's 94 rows ~70 MB. Rows past the budget (``MLX_DISTILL_PREFIX_CACHE_GB``,
 default 2; ``0`` turns the cache off) are recomputed every epoch.
 
 Measured on the 2-core box (2026-11-28, ``scripts/bench_train.py``, the demo
-student, LoRA on 16 of 30 layers): the second epoch trains at 337.6 tok/s
-against the first's 263.6 (1.28x; way ``mlx-epoch2``), peak RSS 2.38 ->
-2.44 GB. Torch + peft recomputes the frozen layers in every epoch.
+student, LoRA on 16 of 30 layers): the second epoch trains at 341.9 tok/s
+against the first's 277.9 (1.23x; way ``mlx-epoch2``; 337.6 vs 263.6 in an
+earlier run), peak RSS 2.38 -> 2.46 GB. Torch + peft recomputes the frozen
+layers in every epoch.
 """
 
 from __future__ import annotations
