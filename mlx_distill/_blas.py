@@ -15,8 +15,8 @@ GFLOP/s), the lm_head's 64-row chunks ~30% faster, and training 277.7 ->
 298.9 and 277.9 -> 312.3 tok/s in two runs (``scripts/bench_train.py``). But MLX calls the BLAS from more
 than one thread (each stream is a thread; generation runs on a stream of its
 own), and then MKL's OpenMP teams fight over the cores: after a
-``generate_batch`` a plain decode loop on the default stream took 334 ms a
-step against 100 with OpenBLAS, and with torch in the same process
+``generate_batch`` a plain decode loop on the default stream took 352 ms a
+step against 109 with OpenBLAS (``scripts/bench_cpu_ops.py``), and with torch in the same process
 (transformers' generate) MLX's generation ran at 21 against 54 tok/s.
 ``OMP_WAIT_POLICY=PASSIVE`` made every step slow (349 ms), MKL's sequential
 layer decoding slower than OpenBLAS (128 vs 100 ms). So it is not the

@@ -20,6 +20,10 @@ Five measurements, each in its own subprocess (the BLAS choice is made when
   layers' matmuls alone.
 * ``decode``: one decode step of the demo model for 8 rows over a 100-token
   KV cache vs its 211 matmuls alone (the fp32 bandwidth floor).
+* ``generate``: ``generate_batch`` (mlx-lm's BatchGenerator, on a stream of
+  its own) for 8 prompts, then a bare greedy loop over the same left-padded
+  batch on the default stream, ms a step each; on OpenBLAS and on MKL (MKL's
+  OpenMP teams once MLX has called it from two threads).
 * ``decode_rows``: the same step for 4 to 32 rows, every skinny matmul to
   BLIS (``MLX_DISTILL_SKINNY_ROWS=32``) vs OpenBLAS alone (where the shim's
   row limit belongs) vs MKL.
@@ -171,6 +175,36 @@ def worker_decode(reps: int) -> dict:
             "weights_mb": round(sum(w.nbytes for w in weights) / 1e6)}
 
 
+def worker_generate(reps: int) -> dict:
+    import mlx_distill  # noqa: F401
+
+    # isort: split
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mlx_distill import _blas, models
+    from mlx_distill.generate import chat_tokens, generate_batch
+
+    model, tok, _ = models.load("demo")
+    prompts = [json.loads(line)["prompt"] for line in (ROOT / "prompts" / "base.jsonl").read_text().splitlines()][:8]
+    n = 10 * reps  # new tokens a row
+    generate_batch(model, tok, prompts[:2], max_tokens=4, batch_size=2)  # warm-up
+    t = time.perf_counter()
+    out = generate_batch(model, tok, prompts, max_tokens=n, batch_size=8)
+    gen_s = time.perf_counter() - t
+    enc = [chat_tokens(tok, p, None) for p in prompts]
+    width = max(len(e) for e in enc)
+    cache = make_prompt_cache(model)
+    y = mx.argmax(model(mx.array([[0] * (width - len(e)) + e for e in enc]), cache=cache)[:, -1], axis=-1)[:, None]
+    mx.eval(y)
+    t = time.perf_counter()
+    for _ in range(n):
+        y = mx.argmax(model(y, cache=cache)[:, -1], axis=-1)[:, None]
+        mx.eval(y)
+    return {"blas": _blas.kind(), "tokens": n, "longest": max(c.completion_tokens for c in out),
+            "generate_batch_s": round(gen_s, 2), "bare_loop_ms_a_step": round((time.perf_counter() - t) / n * 1000, 1)}
+
+
 DECODE_ROWS = (4, 8, 12, 16, 24, 32)
 
 
@@ -219,7 +253,7 @@ def worker_forward(reps: int) -> dict:
 
 
 WORKERS = {"skinny": worker_skinny, "softmax": worker_softmax, "head": worker_head, "decode": worker_decode,
-           "decode_rows": worker_decode_rows, "forward": worker_forward}
+           "decode_rows": worker_decode_rows, "generate": worker_generate, "forward": worker_forward}
 
 
 def run(kind: str, reps: int, env: dict | None = None) -> dict:
@@ -261,6 +295,8 @@ def main() -> None:
     figures["decode_rows_openblas_ms"] = run("decode_rows", args.reps, {**openblas, "MLX_DISTILL_SKINNY_BLAS": "0"})
     figures["decode_rows_blis_ms"] = run("decode_rows", args.reps, {**openblas, "MLX_DISTILL_SKINNY_ROWS": "32"})
     figures["decode_rows_mkl_ms"] = run("decode_rows", args.reps, {"MLX_DISTILL_BLAS": "mkl"}) if mkl else None
+    figures["generate"] = [run("generate", args.reps, openblas)] + (
+        [run("generate", args.reps, {"MLX_DISTILL_BLAS": "mkl"})] if mkl else [])
     figures["forward"] = run("forward", args.reps)
     figures["forward_one_stream"] = run("forward", args.reps, {"MLX_DISTILL_CPU_STREAMS": "0"})
     figures["blas"] = figures["forward"]["blas"]  # the default BLAS, which the other measurements ran on
@@ -276,6 +312,8 @@ def main() -> None:
     drm = figures["decode_rows_mkl_ms"] or {}
     decode_rows = "\n".join(f"| {r} | {dro[r]:.1f} | {drb[r]:.1f} | {dro[r] / drb[r]:.2f}x | "
                              f"{f'{drm[r]:.1f}' if drm else '-'} |" for r in dro)
+    gen_rows = "\n".join(f"| {g['blas']} | {g['generate_batch_s']:.2f} s (longest row {g['longest']}) | "
+                         f"{g['bare_loop_ms_a_step']:.1f} |" for g in figures["generate"])
     head_rows = "\n".join(f"| {name.replace('_', ' ')} | {v['peak_mb']} | {v['ms']:.0f} |" for name, v in hd.items())
     ns = sm["softmax_ms"] * 1e6 / sm["elements"]
     body = f"""
@@ -320,6 +358,14 @@ row limit is {SKINNY_DEFAULT} (`_skinny_blas.py`):
 | rows | OpenBLAS | OpenBLAS + BLIS shim | OpenBLAS / shim | MKL |
 | ---: | ---: | ---: | ---: | ---: |
 {decode_rows}
+
+Generation, 8 prompts of `prompts/base.jsonl`, {figures['generate'][0]['tokens']} new tokens a row: `generate_batch`
+(its own stream), then in the same process a bare greedy loop over the same left-padded batch on the
+default stream:
+
+| BLAS | `generate_batch` | bare loop afterwards, ms a step |
+| --- | ---: | ---: |
+{gen_rows}
 """
     if not args.no_write:
         write_section("cpu-ops", "CPU micro-benchmarks: skinny matmuls, softmax, lm_head memory, decode floor", body)

@@ -170,8 +170,7 @@ def head_cross_entropy_and_hits(h: Any, weight: Any, targets: Any, rows: int) ->
 
 def _head_ce(h: Any, weight: Any, targets: Any, rows: int) -> tuple[Any, Any]:
     if _forward_only["on"]:
-        ce, hits = _chunked(h, weight, targets, rows, with_grad=False)
-        return ce, hits
+        return _chunked(h, weight, targets, rows, with_grad=False)
     if rows not in _HEAD_OPS:
         _HEAD_OPS[rows] = _make_head_ce(rows)
     ce, hits, _ = _HEAD_OPS[rows](h, weight, targets)

@@ -9,7 +9,7 @@ layers' forward is skipped, the trained layers, the head and the backward
 pass run as before, on the same values (tests/test_prefix.py: the same
 losses and LoRA weights over three epochs as without it).
 
-How: the frozen layers' classes are swapped (as ``streams`` does) for a
+How: the frozen layers' classes are swapped (``layer_calls``, as ``streams`` does) for a
 subclass whose call, in a step compiled to *capture*, records the last frozen
 layer's output as an extra output of the step, and in a step compiled to
 *replay* returns the stored hidden states (an input of that step) instead of
@@ -36,9 +36,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from mlx_distill.training.layer_calls import swapped_calls
+
 ENV = "MLX_DISTILL_PREFIX_CACHE_GB"
 DEFAULT_GB = 2.0
-_CLASSES: dict[type, type] = {}
 _active: dict[str, Any] = {"prefix": None}
 
 
@@ -74,22 +75,21 @@ def frozen_depth(model: Any) -> int:
     return depth if depth < len(layers) else 0  # nothing trains: no step to speed up
 
 
-def _prefix_class(base: type) -> type:
-    if base not in _CLASSES:
+def _prefix_call(base: type) -> Any:
+    """``base.__call__``, or in a capturing/replaying step what :class:`FrozenPrefix` asks for."""
 
-        def __call__(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N807
-            owner = _active["prefix"]
-            if owner is None or owner.mode is None:
-                return base.__call__(self, x, *args, **kwargs)
-            if owner.mode == "replay":  # the stored output of the last frozen layer; the others are skipped
-                return owner.given if self is owner.last else x
-            out = base.__call__(self, x, *args, **kwargs)
-            if self is owner.last:
-                owner.captured.append(out)
-            return out
+    def __call__(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N807
+        owner = _active["prefix"]
+        if owner is None or owner.mode is None:
+            return base.__call__(self, x, *args, **kwargs)
+        if owner.mode == "replay":  # the stored output of the last frozen layer; the others are skipped
+            return owner.given if self is owner.last else x
+        out = base.__call__(self, x, *args, **kwargs)
+        if self is owner.last:
+            owner.captured.append(out)
+        return out
 
-        _CLASSES[base] = type(base.__name__, (base,), {"__call__": __call__, "__module__": base.__module__})
-    return _CLASSES[base]
+    return __call__
 
 
 class FrozenPrefix:
@@ -104,7 +104,6 @@ class FrozenPrefix:
         self.captured: list[Any] = []
         self.rows: dict[bytes, Any] = {}
         self.used = 0
-        self.hits = 0  # steps that started from the store
         self.broken = False  # the model called the last frozen layer other than once a step
 
     # -- inside the compiled steps ------------------------------------------------------------------
@@ -177,7 +176,6 @@ class FrozenPrefix:
 
         if not all(k in self.rows for k in keys):
             return None
-        self.hits += 1
         return mx.stack([self.rows[k] for k in keys])
 
     def store(self, keys: list[bytes], hidden: Any) -> None:
@@ -205,13 +203,9 @@ def frozen_prefix(model: Any, enabled: bool = True) -> Iterator[FrozenPrefix | N
     if _active["prefix"] is not None:
         raise RuntimeError("frozen_prefix is already active (one training loop at a time per process)")
     prefix = FrozenPrefix(model, depth, budget)
-    saved = [type(layer) for layer in prefix.layers]
     _active["prefix"] = prefix
     try:
-        for layer in prefix.layers:
-            layer.__class__ = _prefix_class(type(layer))
-        yield prefix
+        with swapped_calls(prefix.layers, "frozen_prefix", _prefix_call):
+            yield prefix
     finally:
         _active["prefix"] = None
-        for layer, cls in zip(prefix.layers, saved):
-            layer.__class__ = cls

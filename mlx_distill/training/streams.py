@@ -33,9 +33,10 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
+from mlx_distill.training.layer_calls import swapped_calls
+
 ENV = "MLX_DISTILL_CPU_STREAMS"  # "0": one CPU stream, the BLAS on every core
 _state: dict[str, Any] = {"streams": None}
-_SPLIT_CLASSES: dict[type, type] = {}
 
 
 def active_streams() -> list[Any] | None:
@@ -48,32 +49,31 @@ def halves(n: int) -> list[slice]:
     return [slice(0, n // 2), slice(n // 2, n)]
 
 
-def _split_class(base: type) -> type:
-    if base not in _SPLIT_CLASSES:
-        from mlx_distill.training import fastops
+def _split_call(base: type) -> Any:
+    """``base.__call__`` run on each half of the batch, each on its own stream, joined after the layer."""
+    from mlx_distill.training import fastops
 
-        def __call__(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N807
-            import mlx.core as mx
+    def __call__(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N807
+        import mlx.core as mx
 
-            streams = _state["streams"]
-            cache = kwargs.get("cache", args[1] if len(args) > 1 else None)
-            if streams is None or cache is not None or x.shape[0] < 2:
-                return base.__call__(self, x, *args, **kwargs)
-            segments = fastops.packed_segments()  # --pack: (B, T), the whole batch's
-            outs = []
-            for stream, rows in zip(streams, halves(x.shape[0])):
-                # An array mask with a batch axis is the batch's: each half takes its rows.
-                a = [m[rows] if hasattr(m, "ndim") and m.ndim == 4 and m.shape[0] == x.shape[0] else m for m in args]
-                with ExitStack() as stack:
-                    stack.enter_context(mx.stream(stream))
-                    stack.enter_context(fastops.on_stream(stream))
-                    if segments is not None:
-                        stack.enter_context(fastops.attention_segments(self, segments[rows]))
-                    outs.append(base.__call__(self, x[rows], *a, **kwargs))
-            return mx.concatenate(outs, axis=0)
+        streams = _state["streams"]
+        cache = kwargs.get("cache", args[1] if len(args) > 1 else None)
+        if streams is None or cache is not None or x.shape[0] < 2:
+            return base.__call__(self, x, *args, **kwargs)
+        segments = fastops.packed_segments()  # --pack: (B, T), the whole batch's
+        outs = []
+        for stream, rows in zip(streams, halves(x.shape[0])):
+            # An array mask with a batch axis is the batch's: each half takes its rows.
+            a = [m[rows] if hasattr(m, "ndim") and m.ndim == 4 and m.shape[0] == x.shape[0] else m for m in args]
+            with ExitStack() as stack:
+                stack.enter_context(mx.stream(stream))
+                stack.enter_context(fastops.on_stream(stream))
+                if segments is not None:
+                    stack.enter_context(fastops.attention_segments(self, segments[rows]))
+                outs.append(base.__call__(self, x[rows], *a, **kwargs))
+        return mx.concatenate(outs, axis=0)
 
-        _SPLIT_CLASSES[base] = type(base.__name__, (base,), {"__call__": __call__, "__module__": base.__module__})
-    return _SPLIT_CLASSES[base]
+    return __call__
 
 
 def threads_per_stream(cores: int) -> int:
@@ -107,17 +107,13 @@ def two_streams(model: Any, enabled: bool | None = None) -> Iterator[bool]:
     if not on or off or not layers or _state["streams"] is not None:
         yield False
         return
-    saved = [type(layer) for layer in layers]
     threads = _blas_threads(threads_per_stream(cores))
     _state["streams"] = [mx.default_stream(mx.cpu), _second_stream()]
     try:
-        for layer in layers:
-            layer.__class__ = _split_class(type(layer))
-        yield True
+        with swapped_calls(layers, "two_streams", _split_call):
+            yield True
     finally:
         _state["streams"] = None
-        for layer, cls in zip(layers, saved):
-            layer.__class__ = cls
         _blas_threads(threads)
 
 
