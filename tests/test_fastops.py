@@ -224,8 +224,13 @@ def test_the_cpu_levers_chunk_the_head_of_a_frozen_head_model(monkeypatch: pytes
         assert lv.chunked_head and "chunked lm_head" in lv.describe()
         assert headce.head_chunk_rows() == headce.CHUNK_ROWS
     assert headce.head_chunk_rows() is None
-    with headce.chunked_head(16), cpu_levers.cpu_levers(model, enabled=True) as lv:  # --grad-checkpoint's
+    with headce.chunked_head(16), cpu_levers.cpu_levers(model, enabled=True) as lv:  # an outer setting wins
         assert lv.chunked_head and headce.head_chunk_rows() == 16
+    from mlx_distill.training.loop import grad_checkpointing
+
+    with grad_checkpointing(model, True), cpu_levers.cpu_levers(model, enabled=True) as lv:
+        # --grad-checkpoint is for memory: its smaller chunks, not the lever's faster ones
+        assert lv.chunked_head and headce.head_chunk_rows() == headce.LEAN_CHUNK_ROWS < headce.CHUNK_ROWS
     monkeypatch.setenv(cpu_levers.CHUNKED_HEAD_ENV, "0")
     with cpu_levers.cpu_levers(model, enabled=True) as lv:
         assert not lv.chunked_head and headce.head_chunk_rows() is None

@@ -7,12 +7,16 @@ hidden, 3.3 MB at 1412 x 576); the backward pass only scales it. At 4 x 353
 positions and SmolLM2's 49,152 words the whole logits are 278 MB each.
 Measured on the 2-core box (2026-11-28, ``scripts/bench_cpu_ops.py``), the
 lm_head + cross-entropy and its gradient for 1412 positions, compiled: whole
-logits 1942-1971 ms and 2224 MB at the peak; chunks of :data:`CHUNK_ROWS` =
-64, one after the other, 1240-1346 ms and 205 MB (468 MB when MLX's scheduler
-is left to order the chunks: it runs them side by side). Before the gradient
+logits 1942-1971 ms and 2224 MB at the peak; chunks of 64 positions
+(:data:`LEAN_CHUNK_ROWS`), one after the other, 1240-1346 ms and 205 MB (468 MB
+when MLX's scheduler is left to order the chunks: it runs them side by side). Before the gradient
 moved into the forward pass, the backward recomputed each chunk's logits and
 exps: 2382 ms and 264 MB. In the training step the chunked head is now faster
-than whole logits (272.4 vs 172.3 tok/s, docs/benchmarks.md).
+than whole logits (272.4 vs 172.3 tok/s, docs/benchmarks.md). A 64-row
+chunk's matmuls run slower than larger ones (161-181 vs 279-321 GFLOP/s on
+whole logits), so the CPU lever uses :data:`CHUNK_ROWS` = 256 positions
+(50 MB of logits a chunk; the training step 7-9% faster than at 64 rows,
+peak RSS +0.2 GB); ``--grad-checkpoint``, whose point is memory, keeps 64.
 Evaluation (:func:`forward_only`) skips the gradient's matmul.
 """
 
@@ -25,7 +29,8 @@ from typing import Any
 from mlx_distill.training.fastops import exp_neg, use_fast_ops
 
 HEAD_MODULES = ("llama", "qwen2", "qwen3", "mistral")  # Model.__call__ is exactly model.model + the head
-CHUNK_ROWS = 64  # positions per chunk: 64 x 49,152 fp32 logits = 12.6 MB
+CHUNK_ROWS = 256  # positions per chunk, CPU lever: 256 x 49,152 fp32 logits = 50 MB
+LEAN_CHUNK_ROWS = 64  # under --grad-checkpoint: 12.6 MB a chunk
 _head_chunk: dict[str, int | None] = {"rows": None}
 _forward_only = {"on": False}
 

@@ -69,8 +69,8 @@ def grad_checkpointing(model: Any, enabled: bool) -> Iterator[None]:
     segments of ``--pack`` (mlx-lm's recomputation runs after the loss has
     left ``fastops.attention_segments``, so it attended across the packed
     examples). The lm_head and cross-entropy
-    run ``headce.CHUNK_ROWS`` positions at a time (``headce.chunked_head``; on
-    the CPU a lever does so anyway): the (positions x vocab) logits, softmax
+    run ``headce.LEAN_CHUNK_ROWS`` positions at a time (``headce.chunked_head``; on
+    the CPU a lever chunks them anyway, in larger chunks): the (positions x vocab) logits, softmax
     and gradient are never whole.
     """
     if not enabled:
@@ -79,7 +79,7 @@ def grad_checkpointing(model: Any, enabled: bool) -> Iterator[None]:
     import mlx.core as mx
 
     from mlx_distill.training import fastops
-    from mlx_distill.training.headce import CHUNK_ROWS, chunked_head
+    from mlx_distill.training.headce import LEAN_CHUNK_ROWS, chunked_head
 
     cls = type(model.layers[0])
     original = cls.__call__
@@ -101,7 +101,7 @@ def grad_checkpointing(model: Any, enabled: bool) -> Iterator[None]:
 
     cls.__call__ = checkpointed
     try:
-        with chunked_head(CHUNK_ROWS):
+        with chunked_head(LEAN_CHUNK_ROWS):
             yield
     finally:
         cls.__call__ = original
