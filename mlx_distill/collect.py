@@ -15,8 +15,6 @@ Side files next to ``--out``: ``.config.json`` (resolved config), ``.errors.json
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -28,22 +26,15 @@ from typing import Any, TextIO
 import click
 
 from mlx_distill.config import click_options, opt, resolve, save_config
+from mlx_distill.cost_estimate import estimate, format_estimate
 from mlx_distill.errors import BudgetExceeded, ConfigError, DataError, cli_errors
 from mlx_distill.files import JsonlAppender
-from mlx_distill.pricing import (
-    MESSAGE_OVERHEAD_TOKENS,
-    Budget,
-    PriceTable,
-    add_usage,
-    estimate_tokens,
-    load_prices,
-    zero_usage,
-)
-from mlx_distill.prompts import Prompt, load_prompts
+from mlx_distill.pricing import Budget, add_usage, load_prices, zero_usage
+from mlx_distill.prompts import load_prompts
+from mlx_distill.teacher_data import mismatch, read_records, record_key, sidecar
 from mlx_distill.teachers import Failure, Reply, Request, Teacher, check_sampling, make_teacher
 
-# The reference run paid $1.61 for 104 Sonnet 4.6 answers: ~1,000 output tokens each.
-TYPICAL_OUTPUT_TOKENS = 1000
+__all__ = ["CollectConfig", "CollectSummary", "cli", "collect", "read_records", "record_key", "sidecar"]
 
 
 @dataclass
@@ -128,76 +119,6 @@ class CollectSummary:
         return "\n".join(lines)
 
 
-def record_key(
-    prompt: str,
-    system: str | None,
-    teacher: str,
-    max_tokens: int,
-    temperature: float | None,
-    top_p: float | None,
-) -> str:
-    """Hash of what determines an answer (not concurrency or batching); also the batch custom_id."""
-    blob = json.dumps(
-        {
-            "prompt": prompt,
-            "system": system or None,
-            "teacher": teacher,
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-            "top_p": top_p,
-        },
-        sort_keys=True,
-        ensure_ascii=False,
-    )
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
-
-
-def sidecar(out: str | Path, suffix: str) -> Path:
-    p = Path(out)
-    return p.with_name(f"{p.stem}.{suffix}")
-
-
-def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Complete records of an output file. A torn last line (no newline: a crash mid-write)
-    is ignored here and cut when the file is next opened for appending."""
-    p = Path(path)
-    if not p.exists():
-        return []
-    out = []
-    with open(p, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.endswith(b"\n") or not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-                if not isinstance(obj, dict) or "key" not in obj:
-                    raise ValueError("not a record")
-            except (UnicodeDecodeError, ValueError):
-                raise DataError(
-                    "this line of the existing output is not a teacher record",
-                    p,
-                    lineno,
-                    fix="--out must be a file written by mlx-distill collect; choose another --out",
-                ) from None
-            out.append(obj)
-    return out
-
-
-def _mismatch(rec: dict[str, Any], pr: Prompt, want: dict[str, Any]) -> str:
-    diffs = []
-    if rec.get("teacher", want["teacher"]) != want["teacher"]:
-        diffs.append(f"teacher {rec.get('teacher')} (now {want['teacher']}; --teacher)")
-    if (rec.get("system") or None) != (want["system"] or None):
-        diffs.append("a different system prompt (--system)")
-    params = rec.get("params") or {}
-    for name in ("max_tokens", "temperature", "top_p"):
-        if name in params and params[name] != want[name]:
-            diffs.append(f"{name} {params[name]} (now {want[name]}; --{name.replace('_', '-')})")
-    if rec.get("prompt") != pr.prompt:
-        diffs.append("a different prompt text (--prompts)")
-    return ", ".join(diffs) or "different settings"
-
-
 class Progress:
     """done/total, rate and cost so far, on stderr (redrawn in place on a terminal)."""
 
@@ -228,62 +149,6 @@ class Progress:
             ("\r" + line + " " * 4 + ("\n" if final else "")) if self.tty else line + "\n"
         )
         self.stream.flush()
-
-
-def estimate(
-    plan: list[tuple[Prompt, Request]],
-    teacher: Teacher,
-    prices: PriceTable,
-    batch: bool,
-    done_records: list[dict[str, Any]],
-) -> dict[str, Any]:
-    """--dry-run: tokens and cost of the requests still to send, sent nowhere."""
-    reqs = [r for _, r in plan]
-    system = reqs[0].system if reqs else None
-    local = not teacher.paid
-    if local:
-        n_in = sum(teacher.prompt_tokens(r.prompt, r.system) for r in reqs)  # type: ignore[attr-defined]
-        how = "input: counted with the teacher's tokenizer"
-    else:
-        n_in = sum(estimate_tokens(r.prompt) + MESSAGE_OVERHEAD_TOKENS for r in reqs)
-        how = "input: characters / 3.5 (Claude averages ~3.5 characters per token on English and code)"
-    outs = [int((r.get("usage") or {}).get("output_tokens") or 0) for r in done_records]
-    max_out = reqs[0].max_tokens if reqs else 0
-    typical = round(sum(outs) / len(outs)) if outs else min(TYPICAL_OUTPUT_TOKENS, max_out)
-    how += (
-        "; typical output: the mean of the answers already in --out"
-        if outs
-        else f"; typical output: ~{TYPICAL_OUTPUT_TOKENS} tokens (the reference run's $1.61 for 104 Sonnet answers)"
-    )
-    sys_tokens = 0 if local or not system else estimate_tokens(system)
-    from mlx_distill.teachers.anthropic import cacheable
-
-    cached = bool(system) and not local and cacheable(system)
-    est: dict[str, Any] = {
-        "requests": len(reqs),
-        "input_tokens": n_in,
-        "system_tokens_each": sys_tokens,
-        "system_cached": cached,
-        "output_tokens_typical": typical * len(reqs),
-        "output_tokens_max": max_out * len(reqs),
-        "how": how,
-        "batch": batch,
-    }
-    if local:
-        est.update(cost_typical_usd=0.0, cost_max_usd=0.0)
-        return est
-
-    def cost(out_each: int) -> float:
-        usage = {
-            "input_tokens": n_in + (0 if cached else sys_tokens * len(reqs)),
-            "output_tokens": out_each * len(reqs),
-            "cache_creation_input_tokens": sys_tokens if cached and reqs else 0,
-            "cache_read_input_tokens": sys_tokens * (len(reqs) - 1) if cached and reqs else 0,
-        }
-        return prices.cost(teacher.model, usage, batch)
-
-    est.update(cost_typical_usd=cost(typical), cost_max_usd=cost(max_out))
-    return est
 
 
 def collect(
@@ -389,7 +254,7 @@ def collect(
         rec, (pr, _) = clash[0]
         raise ConfigError(
             f"--out {out} already holds {len(clash)} answer(s) made with other settings; e.g. {rec['id']!r} "
-            f"used {_mismatch(rec, pr, want)}. Mixing them would train on two different teachers.\n"
+            f"used {mismatch(rec, pr, want)}. Mixing them would train on two different teachers.\n"
             "  fix: rerun with the flags that made that file to resume it, or pass a new --out"
         )
     todo = [(pr, req) for pr, req in plan if req.key not in done_keys]
@@ -519,26 +384,6 @@ def collect(
         err.summary = summary  # type: ignore[attr-defined]
         raise err
     return summary
-
-
-def format_estimate(est: dict[str, Any], teacher: str) -> str:
-    mode = "Message Batches (50% off)" if est["batch"] else "synchronous"
-    return "\n".join(
-        [
-            f"dry run: {est['requests']} request(s) to {teacher}, {mode}"
-            + (f" ({est['skipped']} prompt(s) already in --out)" if est.get("skipped") else "")
-            + "; nothing sent",
-            f"  input ~{est['input_tokens']:,} tokens"
-            + (
-                f" + system ~{est['system_tokens_each']:,} tokens each ({'cached' if est['system_cached'] else 'not cached'})"
-                if est["system_tokens_each"]
-                else ""
-            ),
-            f"  output ~{est['output_tokens_typical']:,} tokens typical, at most {est['output_tokens_max']:,}",
-            f"  cost ~${est['cost_typical_usd']:.4f} typical, at most ${est['cost_max_usd']:.4f}",
-            f"  ({est['how']})",
-        ]
-    )
 
 
 @click.command("collect")

@@ -16,6 +16,9 @@ Ways (``--ways``):
 * ``mlx-plain``: the same trainer with every CPU lever switched off by its
   environment variable: the "before" of docs/benchmarks.md.
 * ``mlx-no-<lever>``: ``mlx`` with one lever off.
+* ``mlx-head64``: ``mlx`` with the lm_head + cross-entropy in chunks of 64
+  positions (``headce.LEAN_CHUNK_ROWS``, the ``--grad-checkpoint`` size)
+  instead of the lever's 256.
 * ``mlx-mkl``, ``mlx-mkl-epoch2``: ``mlx`` and ``mlx-epoch2`` with MLX's matmuls
   on Intel MKL (``MLX_DISTILL_BLAS=mkl``, opt-in; skipped when not installed).
 * ``mlx-gc``: ``mlx`` with ``--grad-checkpoint`` (the RSS figure).
@@ -62,7 +65,7 @@ LEVER_ENV = {"fastops": ("MLX_DISTILL_FAST_OPS", "0"), "native": ("MLX_DISTILL_N
              "streams": ("MLX_DISTILL_CPU_STREAMS", "0")}
 LEVERS_OFF = dict(LEVER_ENV.values())
 # "mlx-no-<lever>": the trainer with one lever switched off (the ablation rows of the docs).
-WAYS = ["mlx", "mlx-plain", "mlx-gc", "mlx-epoch2", "mlx-mkl", "mlx-mkl-epoch2", "torch",
+WAYS = ["mlx", "mlx-plain", "mlx-gc", "mlx-epoch2", "mlx-mkl", "mlx-mkl-epoch2", "torch", "mlx-head64",
         *(f"mlx-no-{k}" for k in LEVER_ENV)]
 MKL_ENV = {"MLX_DISTILL_BLAS": "mkl"}  # the opt-in BLAS of the mlx-mkl ways
 SHAPES = {
@@ -123,7 +126,11 @@ def worker_mlx(args: argparse.Namespace) -> None:
 
     from mlx_distill import models
     from mlx_distill.train import TrainConfig, _optimizer, _setup_model
+    from mlx_distill.training import headce
     from mlx_distill.training.loop import LoopSettings, grad_checkpointing, run_loop
+
+    if args.head_rows:  # the mlx-head64 way
+        headce.CHUNK_ROWS = args.head_rows
 
     if args.device == "gpu":
         mx.set_default_device(mx.gpu)
@@ -349,7 +356,7 @@ def main() -> None:
                    else (os.cpu_count() or 1))
     p.add_argument("--ways", default=None, help="comma-separated, of: " + ", ".join(WAYS) + " (default: "
                    "mlx,torch,mlx-plain,mlx-gc,mlx-epoch2, and on the CPU mlx-mkl,mlx-mkl-epoch2 and the "
-                   "ablations mlx-no-chunkedhead,mlx-no-streams)")
+                   "ablations mlx-head64,mlx-no-chunkedhead,mlx-no-streams)")
     p.add_argument("--rounds", type=int, default=1, help="alternating rounds; each way's best round counts")
     p.add_argument("--section", default=None, help="docs/benchmarks.md section (default: train, train-gpu)")
     p.add_argument("--no-write", action="store_true", help="do not touch docs/benchmarks.md")
@@ -359,13 +366,14 @@ def main() -> None:
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--grad-checkpoint", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--epochs", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--head-rows", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     gpu = args.device == "gpu"
     args.model = args.model or ("synthetic" if gpu else "demo")
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
     args.batch_size = args.batch_size or (16 if gpu else 4)
     args.ways = args.ways or "mlx,torch,mlx-plain,mlx-gc,mlx-epoch2" + (
-        "" if gpu else ",mlx-mkl,mlx-mkl-epoch2,mlx-no-chunkedhead,mlx-no-streams")
+        "" if gpu else ",mlx-mkl,mlx-mkl-epoch2,mlx-head64,mlx-no-chunkedhead,mlx-no-streams")
     if args.worker:
         return {"matmul": worker_matmul, "mlx": worker_mlx, "torch": worker_torch}[args.worker](args)
 
@@ -401,7 +409,8 @@ def main() -> None:
             if way == "torch":
                 res = run_worker("torch", common, env)
             else:
-                extra = ["--epochs", "2"] if way.endswith("epoch2") else ["--grad-checkpoint"] if way == "mlx-gc" else []
+                extra = (["--epochs", "2"] if way.endswith("epoch2") else ["--grad-checkpoint"] if way == "mlx-gc"
+                         else ["--head-rows", "64"] if way == "mlx-head64" else [])
                 off = LEVERS_OFF if way == "mlx-plain" else (
                     dict([LEVER_ENV[way[len("mlx-no-"):]]]) if way.startswith("mlx-no-") else {})
                 off = {**off, **MKL_ENV} if way.startswith("mlx-mkl") else off
@@ -434,7 +443,7 @@ def main() -> None:
         "mlx_over_torch": ratio("mlx", "torch"), "plain_over_torch": ratio("mlx-plain", "torch"),
         "epoch2_over_torch": ratio("mlx-epoch2", "torch"),
         "mkl_over_torch": ratio("mlx-mkl", "torch"), "mkl_epoch2_over_torch": ratio("mlx-mkl-epoch2", "torch"),
-        "mkl_speedup": ratio("mlx-mkl", "mlx"),
+        "mkl_speedup": ratio("mlx-mkl", "mlx"), "head256_over_head64": ratio("mlx", "mlx-head64"),
         "levers_speedup": ratio("mlx", "mlx-plain"),
         "mem_ratio_gc": ratio("mlx-gc", "torch", mem), "mem_ratio": ratio("mlx", "torch", mem),
         "matmul_gflops": round(peak, 1), "matmul_n": blas["n"],
@@ -460,6 +469,7 @@ def main() -> None:
              "mlx-epoch2": "MLX, levers on, second epoch (frozen layers' output reused)",
              "mlx-mkl": "MLX, levers on, matmuls on MKL (`MLX_DISTILL_BLAS=mkl`)",
              "mlx-mkl-epoch2": "MLX, levers on, MKL, second epoch",
+             "mlx-head64": "MLX, levers on, lm_head in 64-position chunks (the `--grad-checkpoint` size)",
              "torch": "torch + peft (eager)",
              **{f"mlx-no-{k}": f"MLX, levers on except {k} (`{e}={v}`)" for k, (e, v) in LEVER_ENV.items()}}
     unit = "GPU memory (peak allocated)" if gpu else "peak RSS (own process)"
@@ -485,6 +495,8 @@ def main() -> None:
         parts.append(f"with the CPU levers off: {figures['plain_over_torch']}x")
     if figures["levers_speedup"] is not None:
         parts.append(f"the levers alone: {figures['levers_speedup']}x")
+    if figures["head256_over_head64"] is not None:
+        parts.append(f"the lm_head in 256- vs 64-position chunks: {figures['head256_over_head64']}x")
     if figures["mem_ratio_gc"] is not None:
         parts.append(f"memory with --grad-checkpoint / torch: {figures['mem_ratio_gc']}x")
     if figures["mem_ratio"] is not None:
