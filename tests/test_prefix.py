@@ -39,7 +39,8 @@ def dataset(n: int = 10, seed: int = 0) -> TokenizedDataset:
 
 
 def train(cache_gb: str, monkeypatch: pytest.MonkeyPatch, *, epochs: int = 3, pack: bool = False,
-          checkpoint: bool = False, loss: Any = None) -> tuple[list[dict], dict[str, np.ndarray], list[str]]:
+          checkpoint: bool = False, loss: Any = None, valid: TokenizedDataset | None = None,
+          eval_every: int = 0) -> tuple[list[dict], dict[str, np.ndarray], list[str]]:
     import mlx.optimizers as optim
 
     monkeypatch.setenv(prefix_mod.ENV, cache_gb)
@@ -50,11 +51,11 @@ def train(cache_gb: str, monkeypatch: pytest.MonkeyPatch, *, epochs: int = 3, pa
     batches = iterate_packed_batches if pack else iterate_batches
     per_epoch = sum(1 for _ in batches(ds, 4, 64, loop=False, seed=0))
     settings = LoopSettings(batch_size=4, max_seq_length=64, total_steps=epochs * per_epoch,
-                            steps_per_epoch=per_epoch, eval_every=0, save_every=0, seed=0)
+                            steps_per_epoch=per_epoch, eval_every=eval_every, save_every=0, seed=0)
     records: list[dict] = []
     logs: list[str] = []
     with grad_checkpointing(model, checkpoint):
-        run_loop(model, opt, ds, None, settings, loss=loss or (packed_lm_loss if pack else lm_loss),
+        run_loop(model, opt, ds, valid, settings, loss=loss or (packed_lm_loss if pack else lm_loss),
                  iterate_batches=batches, group=mx.distributed.init(), write=records.append,
                  checkpoint=lambda step, state: None, progress=False, echo=logs.append)
     assert all(type(layer) is llama.TransformerBlock for layer in model.layers)  # classes restored
@@ -63,6 +64,7 @@ def train(cache_gb: str, monkeypatch: pytest.MonkeyPatch, *, epochs: int = 3, pa
 
 
 def same_training(a: tuple, b: tuple, rtol: float = 1e-5) -> None:
+    assert [(r["type"], r["step"]) for r in a[0]] == [(r["type"], r["step"]) for r in b[0]]
     assert [r["loss"] for r in a[0]] == pytest.approx([r["loss"] for r in b[0]], rel=rtol)
     for k in b[1]:
         np.testing.assert_allclose(a[1][k], b[1][k], rtol=100 * rtol, atol=1e-6, err_msg=k)
@@ -80,6 +82,32 @@ def test_later_epochs_start_after_the_frozen_layers_and_train_the_same(
     cached = [r["frozen_cached"] for r in on[0]]
     assert cached == [False] * per_epoch + [True] * (2 * per_epoch)  # every later step starts from the store
     same_training(on, off)
+
+
+def test_later_validations_start_after_the_frozen_layers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The validation rows are the same every time: the first validation keeps them, later ones replay them."""
+    seen: list[str] = []
+    plan = prefix_mod.FrozenPrefix.plan
+
+    def spy(self: Any, batch: Any, again: bool) -> Any:
+        got = plan(self, batch, again)
+        seen.append(got[0])
+        return got
+
+    monkeypatch.setattr(prefix_mod.FrozenPrefix, "plan", spy)
+    valid = dataset(6, seed=1)
+    off = train("0", monkeypatch, valid=valid, eval_every=2)
+    assert not seen  # no store, no plan
+    on = train("1", monkeypatch, valid=valid, eval_every=2)
+    vals = [r for r in on[0] if r["type"] == "val"]
+    n_valid = sum(1 for _ in iterate_batches(valid, 4, 64, loop=False))
+    train_steps = len(on[0]) - len(vals)
+    assert len(vals) >= 3 and len(seen) == train_steps + len(vals) * n_valid
+    assert seen[:n_valid] == ["capture"] * n_valid  # step 0's validation keeps its rows...
+    assert seen[-n_valid:] == ["replay"] * n_valid  # ...and the last one starts from them
+    same_training(on, off)
+    for a, b in zip(vals, [r for r in off[0] if r["type"] == "val"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
 
 
 def test_rows_past_the_budget_are_recomputed(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -25,6 +25,7 @@ from mlx_distill.training.cpu_levers import cpu_levers
 from mlx_distill.training.losses import LossFn
 from mlx_distill.training.prefix import ENV as PREFIX_ENV
 from mlx_distill.training.prefix import FrozenPrefix, frozen_prefix
+from mlx_distill.training.validation import compiled_eval_loss, evaluate
 
 
 class TrainingDiverged(DistillError):
@@ -191,56 +192,6 @@ def broadcast_state(model: Any, optimizer: Any, group: Any, step: int) -> int:
     return int(start.item())
 
 
-def compiled_eval_loss(model: Any, loss: LossFn) -> Callable[..., Any]:
-    """``loss(model, *batch)`` compiled with the weights as implicit inputs (not frozen constants).
-
-    The CPU fast ops are chains of ~20 elementwise ops that fuse into one loop
-    only under ``mx.compile``; run eagerly they would be slower than ``mx.exp``.
-    """
-    import mlx.core as mx
-
-    return partial(mx.compile, inputs=[model.state])(partial(loss, model))
-
-
-def evaluate(
-    model: Any, dataset: Any, settings: LoopSettings, loss: LossFn, iterate_batches: Callable[..., Any],
-    group: Any, compiled: Callable[..., Any] | None = None,
-) -> dict[str, float]:
-    """Token-weighted loss and metrics over the dataset (all of it unless ``val_batches``).
-
-    ``compiled``: :func:`compiled_eval_loss` of the same model and loss, made once per run.
-    """
-    import mlx.core as mx
-
-    from mlx_distill.training.headce import forward_only
-
-    model.eval()
-    loss_of = compiled or partial(loss, model)
-    total = mx.array(0.0)
-    ntoks = mx.array(0.0)
-    sums: dict[str, Any] = {}
-    batches = iterate_batches(dataset=dataset, batch_size=settings.batch_size,
-                              max_seq_length=settings.max_seq_length, loop=False, comm_group=group)
-    for k, batch in enumerate(batches):
-        if settings.val_batches >= 0 and k >= settings.val_batches:
-            break
-        with forward_only():  # no backward pass: the chunked head makes no gradient
-            value, n, metrics = loss_of(*batch)
-        n = n.astype(mx.float32)
-        total = total + value * n
-        ntoks = ntoks + n
-        for name, v in metrics.items():
-            sums[name] = sums.get(name, mx.array(0.0)) + v * n
-        mx.eval(total, ntoks, sums)
-    if group.size() > 1:
-        total, ntoks = mx.distributed.all_sum(total, group=group), mx.distributed.all_sum(ntoks, group=group)
-        sums = {k: mx.distributed.all_sum(v, group=group) for k, v in sums.items()}
-    model.train()
-    denom = max(ntoks.item(), 1.0)
-    return {"loss": total.item() / denom, **{k: v.item() / denom for k, v in sums.items()},
-            "loss_tokens": int(ntoks.item())}
-
-
 def run_loop(
     model: Any,
     optimizer: Any,
@@ -295,12 +246,14 @@ def _run_loop(
     def elapsed() -> float:
         return round(time.perf_counter() - t_start, 3)
 
-    eval_loss = compiled_eval_loss(model, loss)
+    eval_loss = compiled_eval_loss(model, loss, prefix)
 
     def validate(step: int) -> None:
         if valid_set is None:
             return
-        v = evaluate(model, valid_set, s, loss, iterate_batches, group, compiled=eval_loss)
+        # the validation rows' frozen-layer output is kept when another validation follows
+        v = evaluate(model, valid_set, s, loss, iterate_batches, group, compiled=eval_loss, prefix=prefix,
+                     again=step < s.total_steps)
         result.val = v
         write({"type": "val", "step": step, "epoch": round(step / s.steps_per_epoch, 4), **_round(v),
                "time_s": elapsed()})

@@ -7,7 +7,9 @@ output (the hidden states entering the first trained layer) for each row the
 first time the row is trained, and later epochs start from it: the frozen
 layers' forward is skipped, the trained layers, the head and the backward
 pass run as before, on the same values (tests/test_prefix.py: the same
-losses and LoRA weights over three epochs as without it).
+losses and LoRA weights over three epochs as without it). Validation does the
+same for its rows (``training.validation``): the first validation keeps them,
+later ones start from them.
 
 How: the frozen layers' classes are swapped (``layer_calls``, as ``streams`` does) for a
 subclass whose call, in a step compiled to *capture*, records the last frozen
