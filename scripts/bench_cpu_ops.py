@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """CPU micro-benchmarks behind the lever table and the "what limits" notes of docs/benchmarks.md.
 
-Five measurements, each in its own subprocess (the BLAS choice is made when
+Measurements, each in its own subprocess (the BLAS choice is made when
 ``mlx_distill`` is imported), on the embedded demo model's shapes, fp32:
 
 * ``skinny``: one matmul of 8 rows by a weight (the lm_head, 1536 x 1536,
@@ -24,6 +24,10 @@ Five measurements, each in its own subprocess (the BLAS choice is made when
   its own) for 8 prompts, then a bare greedy loop over the same left-padded
   batch on the default stream, ms a step each; on OpenBLAS and on MKL (MKL's
   OpenMP teams once MLX has called it from two threads).
+* ``validation``: a validation over 2 batches of 4 x 353 random tokens with
+  LoRA on the last 16 of 30 layers (CPU levers on): recomputed each time vs
+  started from the frozen layers' stored output (``training.validation``),
+  alternating.
 * ``decode_rows``: the same step for 4 to 32 rows, every skinny matmul to
   BLIS (``MLX_DISTILL_SKINNY_ROWS=32``) vs OpenBLAS alone (where the shim's
   row limit belongs) vs MKL.
@@ -252,8 +256,57 @@ def worker_forward(reps: int) -> dict:
             "matmuls_ms": _timed_ms(lambda: [xs[w.shape[1]] @ w.T for w in weights], max(1, reps // 5))}
 
 
+def worker_validation(reps: int) -> dict:
+    import mlx_distill  # noqa: F401
+
+    # isort: split
+    import mlx.core as mx
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    from mlx_distill import models
+    from mlx_distill.training.cpu_levers import cpu_levers
+    from mlx_distill.training.loop import LoopSettings
+    from mlx_distill.training.losses import lm_loss
+    from mlx_distill.training.prefix import frozen_prefix
+    from mlx_distill.training.validation import compiled_eval_loss, evaluate
+
+    model, _, _ = models.load("demo")
+    model.freeze()
+    linear_to_lora_layers(model, 16, {"rank": 8, "scale": 20.0, "dropout": 0.0})
+    batches = [(mx.random.randint(3, 1000, (4, 354)), mx.array([[40, 354]] * 4)) for _ in range(2)]
+    mx.eval(model.parameters(), batches)
+
+    def it(dataset: Any, batch_size: int, max_seq_length: int, loop: bool = False, comm_group: Any = None) -> Any:
+        yield from batches
+
+    settings = LoopSettings(batch_size=4, max_seq_length=4096, total_steps=1, steps_per_epoch=1, eval_every=0,
+                            save_every=0)
+    group = mx.distributed.init()
+
+    def run(compiled: Any, prefix: Any = None) -> tuple[float, float]:
+        t = time.perf_counter()
+        loss = evaluate(model, None, settings, lm_loss, it, group, compiled=compiled, prefix=prefix, again=True)
+        return time.perf_counter() - t, loss["loss"]
+
+    with cpu_levers(model), frozen_prefix(model) as prefix:
+        plain, three = compiled_eval_loss(model, lm_loss), compiled_eval_loss(model, lm_loss, prefix)
+        run(plain)  # compiles
+        capture_s, _ = run(three, prefix)  # compiles and stores
+        times: dict[str, list[float]] = {"plain": [], "replay": []}
+        losses: dict[str, float] = {}
+        for _ in range(max(3, reps // 3)):  # alternating, so both see the same load
+            for name, args in (("plain", (plain,)), ("replay", (three, prefix))):
+                took, loss = run(*args)
+                times[name].append(took)
+                losses[name] = loss
+    return {"plain_s": min(times["plain"]), "capture_s": capture_s, "replay_s": min(times["replay"]),
+            "rounds": len(times["plain"]), "depth": prefix.depth, "tokens": 2 * 4 * 353,
+            "loss_diff": abs(losses["plain"] - losses["replay"])}
+
+
 WORKERS = {"skinny": worker_skinny, "softmax": worker_softmax, "head": worker_head, "decode": worker_decode,
-           "decode_rows": worker_decode_rows, "generate": worker_generate, "forward": worker_forward}
+           "decode_rows": worker_decode_rows, "generate": worker_generate, "forward": worker_forward,
+           "validation": worker_validation}
 
 
 def run(kind: str, reps: int, env: dict | None = None) -> dict:
@@ -299,12 +352,13 @@ def main() -> None:
         [run("generate", args.reps, {"MLX_DISTILL_BLAS": "mkl"})] if mkl else [])
     figures["forward"] = run("forward", args.reps)
     figures["forward_one_stream"] = run("forward", args.reps, {"MLX_DISTILL_CPU_STREAMS": "0"})
+    figures["validation"] = run("validation", args.reps)
     figures["blas"] = figures["forward"]["blas"]  # the default BLAS, which the other measurements ran on
     figures["load_avg"] = [round(load0, 1), round(os.getloadavg()[0], 1)]
 
     ob, bl, sm, hd, dc, fw = (figures["skinny_openblas_ms"], figures["skinny_blis_ms"], figures["softmax"],
                               figures["head"], figures["decode"], figures["forward"])
-    fw1 = figures["forward_one_stream"]
+    fw1, va = figures["forward_one_stream"], figures["validation"]
     mk = figures["skinny_mkl_ms"] or {}
     skinny_rows = "\n".join(f"| {shape} | {ob[shape]:.2f} | {bl[shape]:.2f} | {ob[shape] / bl[shape]:.2f}x | "
                             f"{f'{mk[shape]:.2f}' if mk else '-'} |" for shape in ob)
@@ -335,6 +389,11 @@ head): {fw['forward_ms']:.0f} ms, {fw['forward_ms'] / fw['layers']:.0f} ms a lay
 CPU streams ({figures['blas']} at half the cores); {fw1['forward_ms']:.0f} ms on one stream
 (`MLX_DISTILL_CPU_STREAMS=0`). The same layers' matmuls alone, one stream, {figures['blas']} on every core:
 {fw1['matmuls_ms']:.0f} ms.
+
+Validation, {va['tokens']:,} random tokens in 2 batches, LoRA on the last 16 of 30 layers (best of
+{va['rounds']} alternating runs each): recomputed each time {va['plain_s']:.2f} s; from the frozen layers' (0-{va['depth'] - 1}) stored
+output {va['replay_s']:.2f} s (**{va['plain_s'] / va['replay_s']:.2f}x**; the first, storing, run {va['capture_s']:.2f} s
+with its compilation); loss difference {va['loss_diff']:.1e}.
 
 Attention softmax over {sm['elements']:,} scores (4 x 9 x 353 x 353), compiled, one thread:
 {sm['softmax_ms']:.1f} ms ({ns:.1f} ns an element). Pieces: the fused `x - max` + exp chain
