@@ -11,7 +11,7 @@ Measured on the 2-core x86 box of docs/benchmarks.md, one training step of
   ``headce.CHUNK_ROWS`` = 256 positions (64 under ``--grad-checkpoint``),
   each chunk's gradient made in its forward pass (at 64 rows: peak RSS
   3.22 -> 2.38 GB, 172.3 -> 272.4 tok/s against whole logits, 2026-11-28;
-  256 rows: 7-9% faster than 64, +0.2 GB).
+  256 rows: 1.03-1.11x faster than 64, +0.2 GB).
 * ``streams.two_streams``: each half of the batch on its own MLX CPU stream
   (thread), OpenBLAS at half the cores meanwhile (217.5 -> 272.4 tok/s).
 

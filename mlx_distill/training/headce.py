@@ -15,8 +15,9 @@ exps: 2382 ms and 264 MB. In the training step the chunked head is now faster
 than whole logits (272.4 vs 172.3 tok/s, docs/benchmarks.md). A 64-row
 chunk's matmuls run slower than larger ones (161-181 vs 279-321 GFLOP/s on
 whole logits), so the CPU lever uses :data:`CHUNK_ROWS` = 256 positions
-(50 MB of logits a chunk; the training step 7-9% faster than at 64 rows,
-peak RSS +0.2 GB); ``--grad-checkpoint``, whose point is memory, keeps 64.
+(50 MB of logits a chunk; the training step 1.03-1.11x faster than at 64
+rows in three comparisons, bench_train way ``mlx-head64``; peak RSS +0.2 GB);
+``--grad-checkpoint``, whose point is memory, keeps 64.
 Evaluation (:func:`forward_only`) skips the gradient's matmul.
 """
 
