@@ -154,19 +154,7 @@ def make_step(model: Any, optimizer: Any, loss: LossFn, group: Any, prefix: Froz
     compiled = partial(mx.compile, inputs=state, outputs=state)
     if prefix is None:
         return compiled(step)
-
-    def capture(*batch: Any) -> Any:
-        with prefix.capturing():
-            out = step(*batch)
-        hidden = prefix.take_captured()  # None (and the prefix off) unless the loss called the model once
-        return (*out, hidden if hidden is not None else mx.zeros((0,)))
-
-    def replay(*batch_and_hidden: Any) -> Any:
-        *batch, hidden = batch_and_hidden
-        with prefix.replaying(hidden):
-            return step(*batch)
-
-    return compiled(step), compiled(capture), compiled(replay)
+    return (compiled(step), *map(compiled, prefix.variants(step)))
 
 
 def broadcast_state(model: Any, optimizer: Any, group: Any, step: int) -> int:
@@ -286,7 +274,7 @@ def _run_loop(
             else:
                 value, ntoks, metrics, real, grad_norm = step_fn(*batch)
             mx.eval(model.state, optimizer.state, value, ntoks, metrics, real, grad_norm, captured)
-            if captured is not None and captured.ndim == 3:
+            if captured is not None:
                 prefix.store(keys, captured)
             dt = time.perf_counter() - tic
             loss_v, norm_v = value.item(), grad_norm.item()

@@ -140,6 +140,29 @@ class FrozenPrefix:
             return None
         return out
 
+    def variants(self, fn: Any) -> tuple[Any, Any]:
+        """``fn``'s two variants, to be compiled beside it (a training step, a validation loss).
+
+        ``capture(*args)`` returns ``(*fn(*args), hidden)``: the last frozen
+        layer's output, or an empty array once the store is off
+        (:meth:`take_captured`); ``replay(*args, hidden)`` runs ``fn(*args)``
+        starting from ``hidden``.
+        """
+        import mlx.core as mx
+
+        def capture(*args: Any) -> Any:
+            with self.capturing():
+                out = fn(*args)
+            hidden = self.take_captured()
+            return (*out, hidden if hidden is not None else mx.zeros((0,)))
+
+        def replay(*args_and_hidden: Any) -> Any:
+            *args, hidden = args_and_hidden
+            with self.replaying(hidden):
+                return fn(*args)
+
+        return capture, replay
+
     # -- around the steps ---------------------------------------------------------------------------
 
     @staticmethod
@@ -181,7 +204,9 @@ class FrozenPrefix:
         return mx.stack([self.rows[k] for k in keys])
 
     def store(self, keys: list[bytes], hidden: Any) -> None:
-        """Keep each row of ``hidden`` (evaluated) while the budget lasts."""
+        """Keep each row of ``hidden`` (evaluated) while the budget lasts; a capture's empty array keeps nothing."""
+        if hidden.ndim != 3:
+            return
         for i, k in enumerate(keys):
             row = hidden[i]
             if k in self.rows or self.used + row.nbytes > self.budget:

@@ -28,22 +28,10 @@ def compiled_eval_loss(model: Any, loss: LossFn, prefix: FrozenPrefix | None = N
     import mlx.core as mx
 
     compiled = partial(mx.compile, inputs=[model.state])
-    plain = compiled(partial(loss, model))
+    plain = partial(loss, model)
     if prefix is None:
-        return plain
-
-    def capture(*batch: Any) -> Any:
-        with prefix.capturing():
-            out = loss(model, *batch)
-        hidden = prefix.take_captured()  # None (and the prefix off) unless the loss called the model once
-        return (*out, hidden if hidden is not None else mx.zeros((0,)))
-
-    def replay(*batch_and_hidden: Any) -> Any:
-        *batch, hidden = batch_and_hidden
-        with prefix.replaying(hidden):
-            return loss(model, *batch)
-
-    return plain, compiled(capture), compiled(replay)
+        return compiled(plain)
+    return (compiled(plain), *map(compiled, prefix.variants(plain)))
 
 
 def evaluate(
@@ -88,7 +76,7 @@ def evaluate(
         for name, v in metrics.items():
             sums[name] = sums.get(name, mx.array(0.0)) + v * n
         mx.eval(total, ntoks, sums, captured)
-        if captured is not None and captured.ndim == 3:
+        if captured is not None:
             prefix.store(keys, captured)  # type: ignore[union-attr,arg-type]
     if group.size() > 1:
         total, ntoks = mx.distributed.all_sum(total, group=group), mx.distributed.all_sum(ntoks, group=group)
