@@ -11,7 +11,11 @@ Measured on the 2-core x86 box of docs/benchmarks.md, one training step of
   ``headce.CHUNK_ROWS`` = 256 positions (64 under ``--grad-checkpoint``),
   each chunk's gradient made in its forward pass (at 64 rows: peak RSS
   3.22 -> 2.38 GB, 172.3 -> 272.4 tok/s against whole logits, 2026-11-28;
-  256 rows: 1.03-1.11x faster than 64, +0.2 GB).
+  256 rows: 1.03-1.22x faster than 64, +0.2 GB).
+* ``headce.loss_rows``: that head over the loss positions only (not the
+  prompt's or the padding's), a step compiled per count rounded up to 256
+  (one step of the demo batches, alternating, 2026-11-28: 4.73 -> 4.44 s
+  and 6.52 -> 6.23 s, 1.07x and 1.05x; ~1 s to compile a new count).
 * ``streams.two_streams``: each half of the batch on its own MLX CPU stream
   (thread), OpenBLAS at half the cores meanwhile (217.5 -> 272.4 tok/s).
 
@@ -37,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mlx_distill.training.fastops import fast_cpu_ops
+from mlx_distill.training.headce import LOSS_ROWS_ENV
 from mlx_distill.training.streams import two_streams
 
 NATIVE_ENV = "MLX_DISTILL_NATIVE_JIT"  # "0": keep MLX's own compiler flags
@@ -137,8 +142,9 @@ class Levers:
     blas: str = ""  # which BLAS the matmuls run on ("mkl", "openblas"; see mlx_distill._blas)
 
     def describe(self) -> str:
+        head = "chunked lm_head" + ("" if _off(LOSS_ROWS_ENV) else " over the loss positions")
         on = [name for name, v in (("fast CPU ops", self.fast_ops), ("native JIT", self.native_jit),
-                                   ("chunked lm_head", self.chunked_head),
+                                   (head, self.chunked_head),
                                    ("batch halves on two CPU streams", self.two_streams)) if v]
         return (", ".join(on) if on else "none") + (f"; matmuls on {self.blas}" if self.blas else "")
 
@@ -149,7 +155,8 @@ def cpu_levers(model: Any, enabled: bool | None = None) -> Iterator[Levers]:
 
     Off the CPU (Metal, CUDA) nothing is applied and mlx-lm's own path runs.
     Each lever also has its own switch: ``MLX_DISTILL_FAST_OPS=0``,
-    ``MLX_DISTILL_NATIVE_JIT=0``, ``MLX_DISTILL_CHUNKED_HEAD=0`` and
+    ``MLX_DISTILL_NATIVE_JIT=0``, ``MLX_DISTILL_CHUNKED_HEAD=0``,
+    ``MLX_DISTILL_LOSS_ROWS=0`` (the head over every position) and
     ``MLX_DISTILL_CPU_STREAMS=0`` turn it off.
     """
     from mlx_distill.training import headce

@@ -15,10 +15,16 @@ exps: 2382 ms and 264 MB. In the training step the chunked head is now faster
 than whole logits (272.4 vs 172.3 tok/s, docs/benchmarks.md). A 64-row
 chunk's matmuls run slower than larger ones (161-181 vs 279-321 GFLOP/s on
 whole logits), so the CPU lever uses :data:`CHUNK_ROWS` = 256 positions
-(50 MB of logits a chunk; the training step 1.03-1.11x faster than at 64
-rows in three comparisons, bench_train way ``mlx-head64``; peak RSS +0.2 GB);
+(50 MB of logits a chunk; the training step 1.03-1.22x faster than at 64
+rows in four comparisons, bench_train way ``mlx-head64``; peak RSS +0.2 GB);
 ``--grad-checkpoint``, whose point is memory, keeps 64.
 Evaluation (:func:`forward_only`) skips the gradient's matmul.
+
+Only the positions whose target counts go through the head (:func:`loss_rows`);
+the prompt's and the padding's do not. Their number depends on the batch and
+a compiled step has static shapes, so :func:`keyed_by_loss_rows` counts them
+on the host (``losses.position_counter``), rounds up to a multiple of
+:data:`LOSS_ROWS_STEP` and compiles one step per rounded count.
 """
 
 from __future__ import annotations
@@ -32,8 +38,11 @@ from mlx_distill.training.fastops import exp_neg, use_fast_ops
 HEAD_MODULES = ("llama", "qwen2", "qwen3", "mistral")  # Model.__call__ is exactly model.model + the head
 CHUNK_ROWS = 256  # positions per chunk, CPU lever: 256 x 49,152 fp32 logits = 50 MB
 LEAN_CHUNK_ROWS = 64  # under --grad-checkpoint: 12.6 MB a chunk
+LOSS_ROWS_ENV = "MLX_DISTILL_LOSS_ROWS"  # "0": the chunked head runs over every position
+LOSS_ROWS_STEP = CHUNK_ROWS  # the head's position count is rounded up to a multiple of this
 _head_chunk: dict[str, int | None] = {"rows": None}
 _forward_only = {"on": False}
+_slots = {"n": 0}  # positions the head computes in the step being traced (0: all)
 
 
 @contextmanager
@@ -181,3 +190,65 @@ def _head_ce(h: Any, weight: Any, targets: Any, rows: int) -> tuple[Any, Any]:
         _HEAD_OPS[rows] = _make_head_ce(rows)
     ce, hits, _ = _HEAD_OPS[rows](h, weight, targets)
     return ce, hits
+
+
+# -- the head over the loss positions only ---------------------------------------------------------
+
+
+def slots_for(count: int, total: int) -> int:
+    """Positions the head computes for a batch of ``total`` with ``count`` loss positions (0: all of them).
+
+    ``count`` rounded up to a multiple of :data:`LOSS_ROWS_STEP` (= the CPU
+    lever's chunk), so that a run compiles a step for only a few counts per
+    batch width.
+    """
+    import os
+
+    if os.environ.get(LOSS_ROWS_ENV, "").strip().lower() in ("0", "false", "off", "no"):
+        return 0
+    k = max(1, -(-count // LOSS_ROWS_STEP)) * LOSS_ROWS_STEP
+    return k if k < total else 0
+
+
+def keyed_by_loss_rows(compile_fn: Any, fn: Any, count: Any, enabled: bool) -> Any:
+    """``compile_fn(fn)``, traced once per rounded number of loss positions (:func:`slots_for`).
+
+    ``count(*args) -> (loss positions, all positions)`` counts a batch on the
+    host (``losses.position_counter``); the call passes the rounded count as a
+    constant, so ``mx.compile`` traces again when it changes, and the trace
+    reads it through :func:`loss_rows`. ``enabled`` False (no chunked head for
+    this model, or a loss without a counter): ``compile_fn(fn)`` as it is.
+    """
+    if not enabled or count is None:
+        return compile_fn(fn)
+    compiled = compile_fn(lambda slots, *args: fn(*args))
+
+    def call(*args: Any) -> Any:
+        slots = slots_for(*count(*args)) if head_chunk_rows() else 0
+        old = _slots["n"]
+        _slots["n"] = slots
+        try:
+            return compiled(slots, *args)
+        finally:
+            _slots["n"] = old
+
+    return call
+
+
+def loss_rows(h: Any, targets: Any, mask: Any) -> tuple[Any, Any, Any]:
+    """``h`` (..., d), ``targets`` and ``mask`` (...) at the loss positions only, in order, when a step is keyed.
+
+    Inside a :func:`keyed_by_loss_rows` trace with a count ``k``: the first
+    ``k`` positions of ``mask``'s true ones (then padding positions, whose
+    new mask is False), flattened; otherwise the inputs unchanged.
+    """
+    import mlx.core as mx
+
+    k = _slots["n"]
+    if not k:
+        return h, targets, mask
+    flat = mask.reshape(-1)
+    n = flat.shape[0]
+    order = mx.argsort(mx.where(flat, 0, n) + mx.arange(n))[:k]  # loss positions first, in order
+    keep = mx.arange(k) < flat.sum()
+    return h.reshape(n, h.shape[-1])[order], targets.reshape(-1)[order], keep

@@ -60,6 +60,29 @@ def cross_entropy_and_hits(logits: Any, targets: Any) -> tuple[Any, Any]:
     return nn.losses.cross_entropy(logits, targets), mx.argmax(logits, axis=-1) == targets
 
 
+def count_lm_positions(tokens: Any, lengths: Any, *extra: Any) -> tuple[int, int]:
+    """(loss positions, all positions) of a batch for :func:`lm_loss`, on the host: :func:`loss_mask`'s count."""
+    import numpy as np
+
+    width = int(tokens.shape[1])
+    lens = np.asarray(lengths, dtype=np.int64)
+    return int(np.maximum(np.minimum(lens[:, 1], width) - np.maximum(lens[:, 0], 1), 0).sum()), \
+        int(tokens.shape[0]) * (width - 1)
+
+
+POSITION_COUNTERS: dict[Any, Callable[..., tuple[int, int]]] = {}
+
+
+def position_counter(loss: Any) -> Callable[..., tuple[int, int]] | None:
+    """``count(*batch) -> (loss positions, all positions)`` for a loss that computes the head there only, or None.
+
+    The training step and the validation loss of such a loss are compiled
+    per rounded count (``headce.keyed_by_loss_rows``); any other loss gets
+    the head over every position.
+    """
+    return POSITION_COUNTERS.get(loss)
+
+
 def lm_loss(model: Any, tokens: Any, lengths: Any) -> tuple[Any, Any, dict[str, Any]]:
     """Masked next-token cross-entropy and token accuracy (argmax == target)."""
     targets = tokens[:, 1:]
@@ -80,10 +103,14 @@ def masked_lm_loss(model: Any, inputs: Any, targets: Any, mask: Any) -> tuple[An
     denom = mx.maximum(ntoks, 1).astype(mx.float32)
     rows = headce.head_chunk_rows()
     head = headce.head_of(model) if rows else None
-    if head is not None:
-        ce, hits = headce.head_cross_entropy_and_hits(model.model(inputs), head, targets, rows)
+    if head is not None:  # inside a keyed step (headce.keyed_by_loss_rows) at the loss positions only
+        h, targets, mask = headce.loss_rows(model.model(inputs), targets, mask)
+        ce, hits = headce.head_cross_entropy_and_hits(h, head, targets, rows)
     else:
         ce, hits = cross_entropy_and_hits(model(inputs), targets)
     ce = (ce * mask).astype(mx.float32).sum() / denom
     correct = mx.logical_and(hits, mask).sum()
     return ce, ntoks, {"acc": correct.astype(mx.float32) / denom}
+
+
+POSITION_COUNTERS[lm_loss] = count_lm_positions

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from mlx_distill.training.data import PAD_TO
+from mlx_distill.training.losses import POSITION_COUNTERS, count_lm_positions
 
 MIN_WIDTH = 512  # rows at least this wide, so short examples share them
 
@@ -156,3 +157,18 @@ def packed_lm_loss(model: Any, tokens: Any, lengths: Any, segments: Any = None,
         return lm_loss(model, tokens, lengths)
     with fastops.attention_segments(model, segments[:, :-1]):
         return masked_lm_loss(model, tokens[:, :-1], tokens[:, 1:], targets_mask)
+
+
+def count_packed_positions(tokens: Any, lengths: Any, segments: Any = None,
+                           targets_mask: Any = None, *extra: Any) -> tuple[int, int]:
+    """(loss positions, all positions) of a batch for :func:`packed_lm_loss`, on the host.
+
+    A plain batch (no segments, or a replayed one whose third array is the stored hidden states)
+    counts as for :func:`~mlx_distill.training.losses.lm_loss`.
+    """
+    if segments is None or targets_mask is None:
+        return count_lm_positions(tokens, lengths)
+    return int(np.asarray(targets_mask).sum()), int(tokens.shape[0]) * (int(tokens.shape[1]) - 1)
+
+
+POSITION_COUNTERS[packed_lm_loss] = count_packed_positions
