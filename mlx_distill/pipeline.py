@@ -21,66 +21,28 @@ checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import click
 
-from mlx_distill.config import load_yaml, opt, resolve, save_config
+from mlx_distill.config import resolve, save_config
 from mlx_distill.errors import ConfigError, DistillError, cli_errors
 from mlx_distill.files import write_json_atomic, write_jsonl_atomic
+from mlx_distill.run_config import REPO, RunConfig, fingerprint, load_run_config, repo_path, spread
 from mlx_distill.runs import RunDir
 
+__all__ = ["REPO", "STAGES", "Pipeline", "RunConfig", "demo_cli", "fingerprint", "load_run_config", "run_cli",
+           "run_pipeline", "spread"]
+
 STAGES = ("prompts", "collect", "prepare", "train", "generate", "compare", "visuals", "export")
-REPO = Path(__file__).resolve().parent.parent
-SECTIONS = ("collect", "prepare", "train", "generate", "compare", "export")
-
-
-@dataclass
-class RunConfig:
-    """Top-level options of a run config (stage options live in sections named after the stage)."""
-
-    student: str = opt("demo", "Student: demo, a .gguf file, an mlx-lm directory or a hub id.")
-    teacher: str = opt("demo", "Teacher: anthropic:MODEL, local:PATH or demo (offline).")
-    judge: str = opt("none", "LLM judge for the comparison: anthropic:MODEL, or none (metrics scorecard).")
-    prompts: list[str] = opt(["prompts/base.jsonl", "prompts/expanded.jsonl"], "Training prompt files.")
-    heldout: str = opt("prompts/heldout.jsonl", "Held-out comparison prompts with tests (never trained on).")
-    limit: int | None = opt(None, "Use only N training prompts, spread evenly over the files' categories.")
-    expand_per_prompt: int = opt(0, "Ask the teacher for N variants of each prompt of the first file.")
-    export: bool = opt(True, "Run the export stage (false skips it; a mapping configures it).")
-    sections: dict[str, Any] = field(default_factory=dict, metadata={"help": "Stage sections.", "cli": False})
-
-
-def _file_hash(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def fingerprint(config: Any, inputs: list[Path]) -> str:
-    data = {"config": asdict(config) if hasattr(config, "__dataclass_fields__") else config,
-            "inputs": {f"{p.parent.name}/{p.name}": _file_hash(p) for p in inputs}}
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _repo_path(p: str) -> Path:
-    """Relative prompt paths resolve against the cwd, then the checkout (so `demo` works anywhere)."""
-    path = Path(p).expanduser()
-    if path.is_absolute() or path.exists():
-        return path
-    return REPO / p if (REPO / p).exists() else path
 
 
 class Pipeline:
@@ -170,7 +132,7 @@ class Pipeline:
         if is_claude_teacher(self.cfg.teacher):
             self.echo(TERMS_NOTICE)
         for p in [*self.cfg.prompts, self.cfg.heldout]:
-            if not _repo_path(p).is_file():
+            if not repo_path(p).is_file():
                 raise ConfigError(f"prompt file {p}: no such file (relative paths resolve against the cwd, then {REPO})")
 
     # ---- the stages
@@ -179,8 +141,8 @@ class Pipeline:
         from mlx_distill.expand import ExpandConfig, expand
         from mlx_distill.prompts import load_prompts, near_duplicate
 
-        files = [_repo_path(p) for p in self.cfg.prompts]
-        heldout_file = _repo_path(self.cfg.heldout)
+        files = [repo_path(p) for p in self.cfg.prompts]
+        heldout_file = repo_path(self.cfg.heldout)
         config = {"prompts": [str(f) for f in files], "heldout": str(heldout_file), "limit": self.cfg.limit,
                   "expand_per_prompt": self.cfg.expand_per_prompt,
                   "teacher": self.cfg.teacher if self.cfg.expand_per_prompt else None}
@@ -207,7 +169,7 @@ class Pipeline:
             if leaked:
                 raise ConfigError(f"training prompts {leaked[:5]} are (near-)duplicates of held-out prompts; "
                                   "held-out prompts must never reach training data")
-            rows = _spread(rows, self.cfg.limit)
+            rows = spread(rows, self.cfg.limit)
             write_jsonl_atomic(self.run.prompts, [p.to_dict() for p in rows])
             write_jsonl_atomic(self.run.heldout, [h.to_dict() for h in heldout])
             self.echo(f"  {len(rows)} training prompts, {len(heldout)} held-out prompts")
@@ -366,47 +328,6 @@ class Pipeline:
         for label, p in rows:
             if p.exists():
                 self.echo(f"  {label:<28} {p}")
-
-
-def _spread(rows: list[Any], limit: int | None) -> list[Any]:
-    """The first ``limit`` prompts taken round-robin over categories, so a subset stays varied."""
-    if not limit or limit >= len(rows):
-        return rows
-    by_cat: dict[str, list[Any]] = {}
-    for p in rows:
-        by_cat.setdefault(p.category or p.language or "other", []).append(p)
-    out: list[Any] = []
-    while len(out) < limit:
-        for cat in list(by_cat):
-            if by_cat[cat] and len(out) < limit:
-                out.append(by_cat[cat].pop(0))
-    return out
-
-
-def load_run_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Top-level keys -> RunConfig; stage sections are kept raw and resolved per stage."""
-    data = load_yaml(path) if path else {}
-    # `export: false` skips the stage; `export: {...}` configures it.
-    sections = {k: v for k, v in data.items() if k in SECTIONS and not (k == "export" and isinstance(v, bool))}
-    bad = [k for k, v in sections.items() if not isinstance(v, dict)]
-    if bad:
-        raise ConfigError(f"{path}: section {bad[0]!r} must be a mapping of option: value")
-    top = {k: v for k, v in data.items() if k not in sections}
-    cfg = resolve(RunConfig, overrides or {}, top)
-    cfg.sections = sections
-    # Validate every section now, before any stage runs (unknown keys, wrong types).
-    from mlx_distill.collect import CollectConfig
-    from mlx_distill.compare import CompareConfig
-    from mlx_distill.dataset import PrepareConfig
-    from mlx_distill.export import ExportConfig
-    from mlx_distill.generate import GenerateConfig
-    from mlx_distill.train import TrainConfig
-
-    classes = {"collect": CollectConfig, "prepare": PrepareConfig, "train": TrainConfig,
-               "generate": GenerateConfig, "compare": CompareConfig, "export": ExportConfig}
-    for name, sec in sections.items():
-        resolve(classes[name], {}, {name: sec}, section=name)
-    return cfg
 
 
 def run_pipeline(config: str | Path | None, out: str | Path, force: tuple[str, ...] = (),

@@ -166,5 +166,5 @@ def test_spread_keeps_a_subset_varied() -> None:
     from mlx_distill.prompts import Prompt
 
     rows = [Prompt(id=f"{c}{i}", prompt="x", category=c) for c in "abc" for i in range(4)]
-    picked = pipeline._spread(rows, 6)
+    picked = pipeline.spread(rows, 6)
     assert [p.category for p in picked] == ["a", "b", "c", "a", "b", "c"]

@@ -22,13 +22,10 @@ between SDK versions). Nothing here prints or stores the key or request headers.
 from __future__ import annotations
 
 import asyncio
-import json
-import math
 import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime
 from typing import Any, TypeVar
 
 from mlx_distill.errors import ConfigError
@@ -43,6 +40,16 @@ from mlx_distill.teachers import (
     TeacherFatal,
     usage_dict,
 )
+from mlx_distill.teachers.ratelimit import (
+    MAX_WAIT_S,
+    AdaptiveLimiter,
+    is_spend_limit,
+    parse_retry_after,
+    ratelimit_wait,
+)
+
+__all__ = ["MAX_WAIT_S", "AdaptiveLimiter", "AnthropicTeacher", "cacheable", "is_spend_limit", "parse_retry_after",
+           "ratelimit_wait"]
 
 T = TypeVar("T")
 
@@ -57,8 +64,6 @@ MIN_CHARS_PER_TOKEN = 4.0
 # Prompt caching needs a prefix of at least 1,024 tokens (2,048 on Sonnet 4.6, 4,096 on
 # Haiku 4.5); shorter system prompts are sent without cache_control.
 CACHE_MIN_TOKENS = 1024
-MAX_WAIT_S = 600.0  # the longest retry-after / reset we honour in one go
-RATELIMIT_KINDS = ("requests", "tokens", "input-tokens", "output-tokens")
 
 
 def _sdk() -> Any:
@@ -75,114 +80,6 @@ class _GiveUp(Exception):
     def __init__(self, failure: Failure):
         super().__init__(failure.error)
         self.failure = failure
-
-
-class AdaptiveLimiter:
-    """At most ``limit`` requests in flight; ``limit`` halves on 429s and creeps back up."""
-
-    def __init__(
-        self, max_limit: int, clock: Callable[[], float] = time.monotonic, cooldown_s: float = 1.0
-    ):
-        self.max_limit = max(1, int(max_limit))
-        self.limit = self.max_limit
-        self.lowest = self.max_limit  # for the summary / tests
-        self.in_use = 0
-        self.paused_until = 0.0
-        self._clock = clock
-        self._cooldown = cooldown_s
-        self._last_cut = -math.inf
-        self._streak = 0
-        self._cond: asyncio.Condition | None = None
-
-    @property
-    def cond(self) -> asyncio.Condition:
-        if self._cond is None:
-            self._cond = asyncio.Condition()
-        return self._cond
-
-    async def acquire(self) -> None:
-        async with self.cond:
-            await self.cond.wait_for(lambda: self.in_use < self.limit)
-            self.in_use += 1
-
-    async def release(self) -> None:
-        async with self.cond:
-            self.in_use -= 1
-            self.cond.notify_all()
-
-    def pause(self, seconds: float) -> None:
-        self.paused_until = max(
-            self.paused_until, self._clock() + min(max(seconds, 0.0), MAX_WAIT_S)
-        )
-
-    async def wait_unpaused(self, sleep: Callable[[float], Awaitable[Any]]) -> None:
-        while (left := self.paused_until - self._clock()) > 0:
-            await sleep(left)
-
-    def rate_limited(self) -> tuple[int, int]:
-        """Halve the limit (once per cooldown, so one burst of 429s is one cut)."""
-        before = self.limit
-        now = self._clock()
-        if now - self._last_cut >= self._cooldown:
-            self.limit = max(1, self.limit // 2)
-            self.lowest = min(self.lowest, self.limit)
-            self._last_cut = now
-        self._streak = 0
-        return before, self.limit
-
-    async def succeeded(self) -> None:
-        self._streak += 1
-        if self._streak >= self.limit and self.limit < self.max_limit:
-            self._streak = 0
-            async with self.cond:
-                self.limit += 1
-                self.cond.notify_all()
-
-
-def parse_retry_after(headers: Any) -> float | None:
-    """Seconds from ``retry-after-ms`` / ``retry-after`` (seconds), else None."""
-    if headers is None:
-        return None
-    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value is None:
-            continue
-        try:
-            return max(0.0, float(value) * scale)
-        except ValueError:
-            continue
-    return None
-
-
-def ratelimit_wait(headers: Any, now: float | None = None) -> float | None:
-    """Seconds until the earliest reset among exhausted ``anthropic-ratelimit-*`` buckets."""
-    if headers is None:
-        return None
-    now = time.time() if now is None else now
-    waits = []
-    for kind in RATELIMIT_KINDS:
-        remaining = headers.get(f"anthropic-ratelimit-{kind}-remaining")
-        reset = headers.get(f"anthropic-ratelimit-{kind}-reset")
-        if remaining is None or reset is None:
-            continue
-        try:
-            if int(remaining) > 0:
-                continue
-            at = datetime.fromisoformat(reset.replace("Z", "+00:00")).timestamp()
-        except ValueError:
-            continue
-        waits.append(max(0.0, at - now))
-    return min(waits) if waits else None
-
-
-def is_spend_limit(e: Any) -> bool:
-    """A 429 that says the organisation's spend limit is reached (never worth retrying)."""
-    body = getattr(e, "body", None)
-    blob = json.dumps(body) if isinstance(body, (dict, list)) else str(body or "")
-    return (
-        "enforced_spend_limit_reached" in blob
-        or getattr(e, "error_code", None) == "enforced_spend_limit_reached"
-    )
 
 
 class AnthropicTeacher(Teacher):
