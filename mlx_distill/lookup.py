@@ -180,7 +180,7 @@ def decode(
     *,
     max_tokens: int,
     stop: set[int],
-    k: int = 3,
+    k: int = 1,
     on_done: Callable[[int, list[int], str, int], None] | None = None,
 ) -> tuple[list[tuple[list[int], str]], dict[str, int]]:
     """Greedy answers to token-id ``prompts``, all rows together; ``[(tokens, "eos" | "length")]`` in order.
