@@ -22,6 +22,11 @@ import click
 
 from mlx_distill.config import click_options, opt, resolve, save_config
 from mlx_distill.errors import ConfigError, cli_errors
+from mlx_distill.lookup import MIN_SHARED_PREFIX, shared_prefix
+
+__all__ = ["LOOKUP_TOKENS", "MIN_SHARED_PREFIX", "Completion", "GenerateConfig", "chat_tokens", "check_config",
+           "cli", "generate_base_and_adapted", "generate_batch", "generate_file", "read_text_arg",
+           "shared_prefix_cache"]
 
 LOOKUP_TOKENS = 0  # prompt-lookup drafts a row per call in greedy decoding (``lookup.decode``): opt-in
 
@@ -39,7 +44,7 @@ class GenerateConfig:
     seed: int = opt(0, "Random seed for sampling.")
     batch_size: int = opt(8, "Sequences decoded together (continuous batching).")
     lookup_tokens: int = opt(LOOKUP_TOKENS, "Greedy only: prompt-lookup draft tokens verified per row and model "
-                             "call (same answers, fewer calls; on a 2-core CPU 1 was ~1.1x faster, more slower); 0: off.")
+                             "call (same answers, fewer calls; on a 2-core CPU 1 gave 0.99-1.16x, more was slower); 0: off.")
     dtype_policy: str = opt("auto", "auto: fp32 on CPU, as stored on a GPU.", choices=("auto", "float32", "native"))
     overwrite: bool = opt(False, "Replace an existing --out file.")
 
@@ -72,9 +77,6 @@ def chat_tokens(tokenizer: Any, prompt: str, system: str | None = None) -> list[
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
 
 
-MIN_SHARED_PREFIX = 32
-
-
 def shared_prefix_cache(model: Any, encoded: list[list[int]]) -> tuple[list[int], list[Any] | None]:
     """Prefill the prompts' common prefix once and give each sequence its own copy of the KV cache.
 
@@ -86,15 +88,10 @@ def shared_prefix_cache(model: Any, encoded: list[list[int]]) -> tuple[list[int]
     import mlx.core as mx
     from mlx_lm.models.cache import KVCache, make_prompt_cache
 
-    if len(encoded) < 2:
+    k = shared_prefix(encoded, MIN_SHARED_PREFIX)  # every sequence keeps at least its last token
+    if not k:
         return [], None
-    n = min(len(e) for e in encoded) - 1  # every sequence keeps at least its last token
     first = encoded[0]
-    k = 0
-    while k < n and all(e[k] == first[k] for e in encoded):
-        k += 1
-    if k < MIN_SHARED_PREFIX:
-        return [], None
     cache = make_prompt_cache(model)
     if not all(type(c) is KVCache for c in cache):
         return [], None  # rotating/quantized caches: keep the simple path
@@ -151,6 +148,14 @@ def generate_batch(
                                on_done=on_done)
 
 
+def _completion(tokenizer: Any, tokens: list[int], prompt_tokens: int, reason: str, t0: float) -> Completion:
+    """A finished sequence's record; its time and rate count from ``t0``, the start of the batch."""
+    elapsed = time.perf_counter() - t0
+    return Completion(text=tokenizer.decode(tokens), prompt_tokens=prompt_tokens, completion_tokens=len(tokens),
+                      stop_reason=reason, elapsed_s=round(elapsed, 3),
+                      tok_per_s=round(len(tokens) / elapsed, 2) if elapsed > 0 else 0.0)
+
+
 def _generate_lookup(
     model: Any, tokenizer: Any, prompts: Sequence[str], *, system: str | None, max_tokens: int,
     batch_size: int, k: int, on_done: Callable[[int, Completion], None] | None,
@@ -167,12 +172,7 @@ def _generate_lookup(
 
         def finished(j: int, tokens: list[int], reason: str, calls: int, group: list[int] = group) -> None:
             i = group[j]
-            elapsed = time.perf_counter() - t0
-            results[i] = Completion(
-                text=tokenizer.decode(tokens), prompt_tokens=len(encoded[i]), completion_tokens=len(tokens),
-                stop_reason=reason, elapsed_s=round(elapsed, 3),
-                tok_per_s=round(len(tokens) / elapsed, 2) if elapsed > 0 else 0.0,
-            )
+            results[i] = _completion(tokenizer, tokens, len(encoded[i]), reason, t0)
             if on_done is not None:
                 on_done(i, results[i])
 
@@ -233,16 +233,8 @@ def _generate_batch(
                     tokens[r.uid].append(r.token)
                 if r.finish_reason is not None:
                     i = index[r.uid]
-                    elapsed = time.perf_counter() - t0
-                    n = len(tokens[r.uid])
-                    results[i] = Completion(
-                        text=tokenizer.decode(tokens[r.uid]),
-                        prompt_tokens=len(encoded[i]),
-                        completion_tokens=n,
-                        stop_reason="eos" if r.finish_reason == "stop" else "length",
-                        elapsed_s=round(elapsed, 3),
-                        tok_per_s=round(n / elapsed, 2) if elapsed > 0 else 0.0,
-                    )
+                    reason = "eos" if r.finish_reason == "stop" else "length"
+                    results[i] = _completion(tokenizer, tokens[r.uid], len(encoded[i]), reason, t0)
                     if on_done is not None:
                         on_done(i, results[i])
     finally:

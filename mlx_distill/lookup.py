@@ -7,9 +7,8 @@ verifies them all: it takes ``[last token, drafts...]`` for every row, and the
 row keeps the drafts that equal its own greedy predictions, plus one more
 token (the prediction after the last kept one). The answer is the greedy
 answer; only the number of model calls changes. Code repeats its own names
-and lines, so on the demo model's answers the lookup kept 1.5-2.2 tokens a
-call at ``k`` = 1-4 (an offline count over its generations), and a call of
-8 rows is bound by reading the weights, whatever its few tokens.
+and lines, and a call of a few rows is bound by reading the weights more
+than by its few tokens.
 
 Rows keep different numbers of the slots each call writes into the KV cache;
 the slots they rejected stay behind as holes, masked out of attention
@@ -22,10 +21,11 @@ Only for models whose attention takes ``cache.offset`` for RoPE and
 (temperature > 0), use mlx-lm's ``BatchGenerator`` (``generate.generate_batch``).
 
 Opt-in (``--lookup-tokens``): on the 2-core CPU of docs/benchmarks.md
-(2026-11-28), a call of 8 rows took 144 ms at 1 token a row and 179 / 221 /
-256 ms at 2 / 3 / 4, while the calls of a batch fell only 1.30-1.47x (it runs
-until its slowest row ends): 1.02-1.16x faster end to end at ``k`` = 1,
-slower above; the same answers throughout.
+(2026-11-28, ``scripts/bench_cpu_ops.py --worker lookup``), a call of 8 rows
+took 118 ms at 1 token a row and 163 / 204 / 216 ms at 2 / 3 / 4, while the
+calls of a batch fell only 1.30-1.47x (it runs until its slowest row ends):
+0.99-1.16x end to end at ``k`` = 1 across runs, slower above; the same
+answers throughout.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from typing import Any
 MODULES = ("llama", "qwen2", "qwen3", "mistral")  # rope(offset=cache.offset), create_attention_mask(h, cache[0])
 NGRAMS = (3, 2, 1)
 GROW = 256  # KV slots added at a time
+MIN_SHARED_PREFIX = 32  # a common prefix shorter than this is not worth prefilling once
 MAX_SPLIT = 16  # calls of up to this many tokens a row take the attention one query at a time (a prefill does not)
 
 
@@ -133,10 +134,12 @@ def _attention_by_query(model: Any) -> Iterator[None]:
     """Within the block, the model's attention over a :class:`_LayerCache` runs one query position at a time.
 
     MLX 0.32's CPU ``scaled_dot_product_attention`` has a fast path for one
-    query a row only: 4 queries over 104 keys took 21-25 ms without a mask
-    and 2.6-3.8 ms with a boolean one, one query 0.26 ms (8 rows, 9 heads;
-    2026-11-28). A verification call has 2-5 queries a row; each goes
-    through the one-query path with its own row of the mask.
+    query a row only: 4 queries over 104 keys took 3.0-3.3 ms without a mask
+    or causal and 6.7 ms with a boolean one, one query 0.28-0.30 ms (8 rows,
+    9 heads; 2026-11-28, ``bench_cpu_ops.py --worker lookup``). A verification
+    call has 2-5 queries a row; each goes through the one-query path with its
+    own row of the mask (a call of 4 tokens a row: 216 ms against 264 with
+    mlx-lm's cache).
     """
     import sys
 
@@ -162,11 +165,15 @@ def _attention_by_query(model: Any) -> Iterator[None]:
         module.scaled_dot_product_attention = original
 
 
-def shared_prefix(prompts: Sequence[Sequence[int]], minimum: int = 32) -> int:
-    """The length of the prompts' common first tokens (each keeps one of its own), or 0 under ``minimum``."""
+def shared_prefix(prompts: Sequence[Sequence[int]], minimum: int = MIN_SHARED_PREFIX, limit: int | None = None) -> int:
+    """The length of the prompts' common first tokens, or 0 under ``minimum`` (a system prompt to prefill once).
+
+    At most ``limit`` tokens (default: each prompt keeps one of its own).
+    Also used by ``generate.shared_prefix_cache`` and ``training.teacher_cache``.
+    """
     if len(prompts) < 2:
         return 0
-    most = min(len(p) for p in prompts) - 1
+    most = min(len(p) for p in prompts) - 1 if limit is None else limit
     first = prompts[0]
     k = 0
     while k < most and all(p[k] == first[k] for p in prompts):

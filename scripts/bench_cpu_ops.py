@@ -28,6 +28,11 @@ Measurements, each in its own subprocess (the BLAS choice is made when
   LoRA on the last 16 of 30 layers (CPU levers on): recomputed each time vs
   started from the frozen layers' stored output (``training.validation``),
   alternating.
+* ``lookup`` (run alone: ``--worker lookup``): prompt-lookup decoding's
+  costs: a call of 8 rows at 1-4 tokens a row with mlx-lm's cache and with
+  ``lookup``'s (attention one query at a time), MLX's attention for 1 and 4
+  queries a row, the step's matmuls at 8 / 16 / 32 rows, and ``lookup.decode``
+  of 8 prompts at 0-3 drafts a row (calls, tokens a call, ms a call).
 * ``decode_rows``: the same step for 4 to 32 rows, every skinny matmul to
   BLIS (``MLX_DISTILL_SKINNY_ROWS=32``) vs OpenBLAS alone (where the shim's
   row limit belongs) vs MKL.
@@ -304,9 +309,80 @@ def worker_validation(reps: int) -> dict:
             "loss_diff": abs(losses["plain"] - losses["replay"])}
 
 
+def worker_lookup(reps: int) -> dict:
+    """Prompt-lookup decoding's costs: a model call of 8 rows at 1-4 tokens a row, attention and matmuls by rows."""
+    import mlx_distill  # noqa: F401
+
+    # isort: split
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mlx_distill import lookup, models
+    from mlx_distill.generate import chat_tokens
+
+    model, tok, _ = models.load("demo")
+    rows, width = 8, 150
+    out: dict[str, Any] = {}
+    cache = make_prompt_cache(model)  # mlx-lm's cache: "causal" attention for several tokens a row
+    mx.eval(model(mx.array([[1] * width] * rows), cache=cache))
+
+    def plain(n: int) -> Any:
+        y = mx.argmax(model(mx.array([[5] * n] * rows), cache=cache), axis=-1)
+        mx.eval(y)
+        for c in cache:
+            c.trim(n)
+        return y
+
+    state = lookup._Rows(mx.zeros((rows,), mx.int32))
+    caches = [lookup._LayerCache(state) for _ in model.layers]
+    state.incoming = mx.ones((rows, width), mx.bool_)
+    mx.eval(model(mx.array([[1] * width] * rows), cache=caches))
+    state.valid, state.offset = mx.ones((rows, width), mx.bool_), state.offset + width
+
+    def holey(n: int) -> Any:
+        state.incoming = mx.ones((rows, n), mx.bool_)
+        y = mx.argmax(model(mx.array([[5] * n] * rows), cache=caches), axis=-1)
+        mx.eval(y)
+        for c in caches:
+            c.used -= n
+        return y
+
+    out["call_ms_mlx_lm_cache"] = {n: _timed_ms(lambda n=n: plain(n), max(2, reps // 2)) for n in (1, 4)}
+    with lookup._attention_by_query(model):
+        out["call_ms_lookup_cache"] = {n: _timed_ms(lambda n=n: holey(n), max(2, reps // 2)) for n in (1, 2, 3, 4)}
+    k, v = mx.random.normal((rows, 3, 104, 64)), mx.random.normal((rows, 3, 104, 64))
+    sdpa = mx.fast.scaled_dot_product_attention
+    for n in (1, 4):
+        q = mx.random.normal((rows, 9, n, 64))
+        m = mx.ones((rows, 1, n, 104), mx.bool_)
+        out[f"attention_ms_{n}_queries"] = {
+            "no_mask": _timed_ms(lambda q=q: sdpa(q, k, v, scale=0.125, mask=None), reps),
+            "causal": _timed_ms(lambda q=q: sdpa(q, k, v, scale=0.125, mask="causal"), reps),
+            "bool_mask": _timed_ms(lambda q=q, m=m: sdpa(q, k, v, scale=0.125, mask=m), reps)}
+    weights = [m.weight for _, m in model.named_modules() if getattr(m, "weight", None) is not None
+               and m.weight.ndim == 2]
+    out["matmuls_ms_by_rows"] = {}
+    for n in (8, 16, 32):
+        xs = {d: mx.random.normal((n, 1, d)) for d in {w.shape[1] for w in weights}}
+        mx.eval(list(xs.values()))
+        out["matmuls_ms_by_rows"][n] = _timed_ms(lambda xs=xs: [xs[w.shape[1]] @ w.T for w in weights],
+                                                 max(2, reps // 2))
+    prompts = [json.loads(line)["prompt"] for line in (ROOT / "prompts" / "base.jsonl").read_text().splitlines()][:8]
+    enc = [chat_tokens(tok, p) for p in prompts]
+    out["decode_160_tokens"] = {}
+    for k_drafts in (0, 1, 2, 3):
+        t = time.perf_counter()
+        _, counts = lookup.decode(model, enc, max_tokens=160, stop=set(tok.eos_token_ids), k=k_drafts)
+        took = time.perf_counter() - t
+        out["decode_160_tokens"][k_drafts] = {**counts, "s": round(took, 2),
+                                              "ms_a_call": round(took / counts["calls"] * 1000, 1),
+                                              "tokens_a_call": round(counts["tokens"] / counts["calls"], 2)}
+    return out
+
+
 WORKERS = {"skinny": worker_skinny, "softmax": worker_softmax, "head": worker_head, "decode": worker_decode,
            "decode_rows": worker_decode_rows, "generate": worker_generate, "forward": worker_forward,
-           "validation": worker_validation}
+           "validation": worker_validation, "lookup": worker_lookup}
 
 
 def run(kind: str, reps: int, env: dict | None = None) -> dict:

@@ -135,3 +135,25 @@ def test_validation_on_the_loss_rows_only_matches_every_row(head_rows: list[int]
     assert gathered["loss_tokens"] == whole["loss_tokens"] > 0
     assert gathered["loss"] == pytest.approx(whole["loss"], rel=1e-5)
     assert gathered["acc"] == pytest.approx(whole["acc"], abs=1e-6)
+
+
+def test_the_replay_variant_counts_the_batch_without_its_stored_hidden_states(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlx_distill.training import losses
+
+    counted: list[int] = []
+
+    def spy(*batch: Any) -> tuple[int, int]:
+        counted.append(len(batch))
+        return count_lm_positions(*batch)
+
+    class Prefix:  # FrozenPrefix.variants' shape: capture(*batch), replay(*batch, hidden)
+        def variants(self, fn: Any) -> tuple[Any, Any]:
+            return (lambda *batch: fn(*batch), lambda *args: fn(*args[:-1]))
+
+    monkeypatch.setitem(losses.POSITION_COUNTERS, lm_loss, spy)
+    tokens, lengths = next(iter(iterate_batches(_dataset(), 3, 2048)))
+    with headce.chunked_head(8):
+        plain, capture, replay = headce.compile_keyed(lambda f: f, lambda *batch: len(batch), _model(), lm_loss,
+                                                      Prefix())
+        assert (plain(tokens, lengths), capture(tokens, lengths), replay(tokens, lengths, mx.zeros((3, 4)))) == (2, 2, 2)
+    assert counted == [2, 2, 2]

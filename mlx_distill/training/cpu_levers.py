@@ -14,8 +14,9 @@ Measured on the 2-core x86 box of docs/benchmarks.md, one training step of
   256 rows: 1.03-1.22x faster than 64, +0.2 GB).
 * ``headce.loss_rows``: that head over the loss positions only (not the
   prompt's or the padding's), a step compiled per count rounded up to 256
-  (one step of the demo batches, alternating, 2026-11-28: 4.73 -> 4.44 s
-  and 6.52 -> 6.23 s, 1.07x and 1.05x; ~1 s to compile a new count).
+  (``bench_train.py`` way ``mlx-no-lossrows``, 2026-11-28: 191.2 -> 223.2
+  tok/s; by hand, the same compiled steps called alternately: 1.05-1.07x;
+  ~1 s to compile a new count).
 * ``streams.two_streams``: each half of the batch on its own MLX CPU stream
   (thread), OpenBLAS at half the cores meanwhile (217.5 -> 272.4 tok/s).
 
@@ -40,16 +41,12 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from mlx_distill.training.fastops import fast_cpu_ops
+from mlx_distill.training.fastops import env_off, fast_cpu_ops
 from mlx_distill.training.headce import LOSS_ROWS_ENV
 from mlx_distill.training.streams import two_streams
 
 NATIVE_ENV = "MLX_DISTILL_NATIVE_JIT"  # "0": keep MLX's own compiler flags
 CHUNKED_HEAD_ENV = "MLX_DISTILL_CHUNKED_HEAD"  # "0": whole logits unless --grad-checkpoint
-
-
-def _off(env: str) -> bool:
-    return os.environ.get(env, "").strip().lower() in ("0", "false", "off", "no")
 
 
 def on_cpu() -> bool:
@@ -90,7 +87,7 @@ def native_cpu_jit(enabled: bool | None = None) -> Iterator[bool]:
     with AVX2 and FMA only; ``MLX_DISTILL_NATIVE_JIT=0`` turns it off.
     Yields whether it applied.
     """
-    on = (on_cpu() if enabled is None else enabled) and not _off(NATIVE_ENV)
+    on = (on_cpu() if enabled is None else enabled) and not env_off(NATIVE_ENV)
     real = shutil.which("g++") if on else None
     flags = set(_cpuinfo("flags").split())
     if not (on and real and sys.platform.startswith("linux") and {"avx2", "fma"} <= flags):
@@ -142,7 +139,7 @@ class Levers:
     blas: str = ""  # which BLAS the matmuls run on ("mkl", "openblas"; see mlx_distill._blas)
 
     def describe(self) -> str:
-        head = "chunked lm_head" + ("" if _off(LOSS_ROWS_ENV) else " over the loss positions")
+        head = "chunked lm_head" + ("" if env_off(LOSS_ROWS_ENV) else " over the loss positions")
         on = [name for name, v in (("fast CPU ops", self.fast_ops), ("native JIT", self.native_jit),
                                    (head, self.chunked_head),
                                    ("batch halves on two CPU streams", self.two_streams)) if v]
@@ -170,7 +167,7 @@ def cpu_levers(model: Any, enabled: bool | None = None) -> Iterator[Levers]:
             levers.blas = _blas.kind()
             levers.fast_ops = stack.enter_context(fast_cpu_ops(model))
             levers.native_jit = stack.enter_context(native_cpu_jit(enabled=True))
-            if not _off(CHUNKED_HEAD_ENV) and headce.head_of(model) is not None:
+            if not env_off(CHUNKED_HEAD_ENV) and headce.head_of(model) is not None:
                 if headce.head_chunk_rows() is None:  # --grad-checkpoint may have set it already
                     stack.enter_context(headce.chunked_head(headce.CHUNK_ROWS))
                 levers.chunked_head = True

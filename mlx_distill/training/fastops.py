@@ -42,12 +42,17 @@ CLAMP = -87.0  # exp(-87) = 1.6e-38 > FLT_MIN: no denormals in the squarings
 ENV = "MLX_DISTILL_FAST_OPS"  # "0" turns the CPU ops off, "1" forces them on any device
 
 
+def env_off(name: str) -> bool:
+    """Whether the environment variable ``name`` switches something off ("0", "false", "off", "no")."""
+    return os.environ.get(name, "").strip().lower() in ("0", "false", "off", "no")
+
+
 def use_fast_ops() -> bool:
     """True on the CPU (``mx.default_device()``), unless ``MLX_DISTILL_FAST_OPS=0``."""
     import mlx.core as mx
 
     flag = os.environ.get(ENV, "").strip().lower()
-    if flag in ("0", "false", "off", "no"):
+    if env_off(ENV):
         return False
     if flag in ("1", "true", "on", "yes"):
         return True

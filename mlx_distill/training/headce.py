@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from mlx_distill.training.fastops import exp_neg, use_fast_ops
+from mlx_distill.training.fastops import env_off, exp_neg, use_fast_ops
 
 HEAD_MODULES = ("llama", "qwen2", "qwen3", "mistral")  # Model.__call__ is exactly model.model + the head
 CHUNK_ROWS = 256  # positions per chunk, CPU lever: 256 x 49,152 fp32 logits = 50 MB
@@ -202,24 +202,41 @@ def slots_for(count: int, total: int) -> int:
     lever's chunk), so that a run compiles a step for only a few counts per
     batch width.
     """
-    import os
-
-    if os.environ.get(LOSS_ROWS_ENV, "").strip().lower() in ("0", "false", "off", "no"):
+    if env_off(LOSS_ROWS_ENV):
         return 0
     k = max(1, -(-count // LOSS_ROWS_STEP)) * LOSS_ROWS_STEP
     return k if k < total else 0
 
 
-def keyed_by_loss_rows(compile_fn: Any, fn: Any, count: Any, enabled: bool) -> Any:
+def compile_keyed(compile_fn: Any, fn: Any, model: Any, loss: Any, prefix: Any = None) -> Any:
+    """``compile_fn(fn)`` keyed by :func:`keyed_by_loss_rows`; with a ``prefix``, its (plain, capture, replay).
+
+    The training step (``loop.make_step``) and the validation loss
+    (``validation.compiled_eval_loss``) are both made here. Keyed only when
+    ``model``'s head can be chunked (:func:`head_of`) and ``loss`` has a
+    counter (``losses.position_counter``). ``replay(*batch, hidden)``'s last
+    argument is the stored hidden states, not the batch: its count leaves it out.
+    """
+    from mlx_distill.training.losses import position_counter
+
+    count = position_counter(loss) if head_of(model) is not None else None
+    if prefix is None:
+        return keyed_by_loss_rows(compile_fn, fn, count)
+    capture, replay = prefix.variants(fn)
+    replay_count = None if count is None else (lambda *args: count(*args[:-1]))
+    return (keyed_by_loss_rows(compile_fn, fn, count), keyed_by_loss_rows(compile_fn, capture, count),
+            keyed_by_loss_rows(compile_fn, replay, replay_count))
+
+
+def keyed_by_loss_rows(compile_fn: Any, fn: Any, count: Any) -> Any:
     """``compile_fn(fn)``, traced once per rounded number of loss positions (:func:`slots_for`).
 
     ``count(*args) -> (loss positions, all positions)`` counts a batch on the
     host (``losses.position_counter``); the call passes the rounded count as a
     constant, so ``mx.compile`` traces again when it changes, and the trace
-    reads it through :func:`loss_rows`. ``enabled`` False (no chunked head for
-    this model, or a loss without a counter): ``compile_fn(fn)`` as it is.
+    reads it through :func:`loss_rows`. ``count`` None: ``compile_fn(fn)`` as it is.
     """
-    if not enabled or count is None:
+    if count is None:
         return compile_fn(fn)
     compiled = compile_fn(lambda slots, *args: fn(*args))
 

@@ -22,8 +22,8 @@ from typing import Any
 from mlx_distill.errors import DistillError
 from mlx_distill.training.checkpoint import set_optimizer_leaves
 from mlx_distill.training.cpu_levers import cpu_levers
-from mlx_distill.training.headce import head_of, keyed_by_loss_rows
-from mlx_distill.training.losses import LossFn, position_counter
+from mlx_distill.training.headce import compile_keyed
+from mlx_distill.training.losses import LossFn
 from mlx_distill.training.prefix import ENV as PREFIX_ENV
 from mlx_distill.training.prefix import FrozenPrefix, frozen_prefix
 from mlx_distill.training.validation import compiled_eval_loss, evaluate
@@ -152,10 +152,7 @@ def make_step(model: Any, optimizer: Any, loss: LossFn, group: Any, prefix: Froz
         real = all_sum(batch[1][:, 1].sum().astype(mx.float32))  # non-pad tokens
         return value_all, n_all, metrics_all, real, grad_norm
 
-    compiled = partial(mx.compile, inputs=state, outputs=state)
-    count, on = position_counter(loss), head_of(model) is not None
-    made = [keyed_by_loss_rows(compiled, f, count, on) for f in (step, *(prefix.variants(step) if prefix else ()))]
-    return made[0] if prefix is None else tuple(made)
+    return compile_keyed(partial(mx.compile, inputs=state, outputs=state), step, model, loss, prefix)
 
 
 def broadcast_state(model: Any, optimizer: Any, group: Any, step: int) -> int:

@@ -163,8 +163,8 @@ def count_packed_positions(tokens: Any, lengths: Any, segments: Any = None,
                            targets_mask: Any = None, *extra: Any) -> tuple[int, int]:
     """(loss positions, all positions) of a batch for :func:`packed_lm_loss`, on the host.
 
-    A plain batch (no segments, or a replayed one whose third array is the stored hidden states)
-    counts as for :func:`~mlx_distill.training.losses.lm_loss`.
+    A batch without segments and a targets mask (a plain one) counts as for
+    :func:`~mlx_distill.training.losses.lm_loss`.
     """
     if segments is None or targets_mask is None:
         return count_lm_positions(tokens, lengths)

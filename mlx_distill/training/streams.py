@@ -98,10 +98,10 @@ def two_streams(model: Any, enabled: bool | None = None) -> Iterator[bool]:
     """
     import mlx.core as mx
 
-    from mlx_distill.training.fastops import use_fast_ops
+    from mlx_distill.training.fastops import env_off, use_fast_ops
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    off = os.environ.get(ENV, "").strip().lower() in ("0", "false", "off", "no")
+    off = env_off(ENV)
     on = (use_fast_ops() and cores >= 2) if enabled is None else enabled
     layers = list(getattr(model, "layers", None) or [])
     if not on or off or not layers or _state["streams"] is not None:

@@ -126,16 +126,17 @@ def shared_prefix(teacher: Any, aligned: list[Aligned]) -> tuple[int, list[tuple
     import mlx.core as mx
     from mlx_lm.models.cache import KVCache, make_prompt_cache
 
+    from mlx_distill.lookup import shared_prefix as common_length
+
     rows = [a.teacher_tokens for a in aligned if a.targets > 0]
     if len(rows) < 2:
         return 0, None
     # Stop before the first position whose logits are needed (a_t - 1 predicts the first answer token).
     limit = min(max(a.answer_start, 1) - 1 + a.shift for a in aligned if a.targets > 0)
-    first, n = rows[0], 0
-    while n < limit and all(r[n] == first[n] for r in rows):
-        n += 1
-    if n < 32:
+    n = common_length(rows, limit=limit)
+    if not n:
         return 0, None
+    first = rows[0]
     cache = make_prompt_cache(teacher)
     if not all(type(c) is KVCache for c in cache):
         return 0, None

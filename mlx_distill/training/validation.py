@@ -12,8 +12,8 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from mlx_distill.training.headce import head_of, keyed_by_loss_rows
-from mlx_distill.training.losses import LossFn, position_counter
+from mlx_distill.training.headce import compile_keyed
+from mlx_distill.training.losses import LossFn
 from mlx_distill.training.prefix import FrozenPrefix
 
 
@@ -28,11 +28,7 @@ def compiled_eval_loss(model: Any, loss: LossFn, prefix: FrozenPrefix | None = N
     """
     import mlx.core as mx
 
-    compiled = partial(mx.compile, inputs=[model.state])
-    plain = partial(loss, model)
-    count, on = position_counter(loss), head_of(model) is not None
-    made = [keyed_by_loss_rows(compiled, f, count, on) for f in (plain, *(prefix.variants(plain) if prefix else ()))]
-    return made[0] if prefix is None else tuple(made)
+    return compile_keyed(partial(mx.compile, inputs=[model.state]), partial(loss, model), model, loss, prefix)
 
 
 def evaluate(
