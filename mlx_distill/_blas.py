@@ -21,7 +21,9 @@ step against 109 with OpenBLAS (``scripts/bench_cpu_ops.py``), and with torch in
 ``OMP_WAIT_POLICY=PASSIVE`` made every step slow (349 ms), MKL's sequential
 layer decoding slower than OpenBLAS (128 vs 100 ms). So it is not the
 default; training alone (``mlx-distill train`` in its own process, where the
-two CPU streams run MKL at one thread each) is where it pays.
+two CPU streams run MKL at one thread each) is where it paid, on that Intel
+box: on a 2-core AMD EPYC box (2026-12-04) MKL trained slower than OpenBLAS
+(192.0 vs 231.1 tok/s).
 
 ``MLX_DISTILL_BLAS`` chooses: ``openblas`` (the default), ``mkl``, ``off``
 (MLX's bundled BLAS) or a library path.

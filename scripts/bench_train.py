@@ -62,7 +62,8 @@ sys.path.insert(0, str(ROOT))
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LEVER_ENV = {"fastops": ("MLX_DISTILL_FAST_OPS", "0"), "native": ("MLX_DISTILL_NATIVE_JIT", "0"),
              "skinny": ("MLX_DISTILL_SKINNY_BLAS", "0"), "chunkedhead": ("MLX_DISTILL_CHUNKED_HEAD", "0"),
-             "streams": ("MLX_DISTILL_CPU_STREAMS", "0"), "lossrows": ("MLX_DISTILL_LOSS_ROWS", "0")}
+             "streams": ("MLX_DISTILL_CPU_STREAMS", "0"), "lossrows": ("MLX_DISTILL_LOSS_ROWS", "0"),
+             "flat": ("MLX_DISTILL_FLAT_SECOND", "0")}
 LEVERS_OFF = dict(LEVER_ENV.values())
 # "mlx-no-<lever>": the trainer with one lever switched off (the ablation rows of the docs).
 WAYS = ["mlx", "mlx-plain", "mlx-gc", "mlx-epoch2", "mlx-mkl", "mlx-mkl-epoch2", "torch", "mlx-head64",
@@ -356,7 +357,7 @@ def main() -> None:
                    else (os.cpu_count() or 1))
     p.add_argument("--ways", default=None, help="comma-separated, of: " + ", ".join(WAYS) + " (default: "
                    "mlx,torch,mlx-plain,mlx-gc,mlx-epoch2, and on the CPU mlx-mkl,mlx-mkl-epoch2 and the "
-                   "ablations mlx-head64,mlx-no-lossrows,mlx-no-chunkedhead,mlx-no-streams)")
+                   "ablations mlx-head64,mlx-no-lossrows,mlx-no-chunkedhead,mlx-no-streams,mlx-no-flat)")
     p.add_argument("--rounds", type=int, default=1, help="alternating rounds; each way's best round counts")
     p.add_argument("--section", default=None, help="docs/benchmarks.md section (default: train, train-gpu)")
     p.add_argument("--no-write", action="store_true", help="do not touch docs/benchmarks.md")
@@ -373,7 +374,8 @@ def main() -> None:
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
     args.batch_size = args.batch_size or (16 if gpu else 4)
     args.ways = args.ways or "mlx,torch,mlx-plain,mlx-gc,mlx-epoch2" + (
-        "" if gpu else ",mlx-mkl,mlx-mkl-epoch2,mlx-head64,mlx-no-lossrows,mlx-no-chunkedhead,mlx-no-streams")
+        "" if gpu else ",mlx-mkl,mlx-mkl-epoch2,mlx-head64,mlx-no-lossrows,mlx-no-chunkedhead,mlx-no-streams,"
+        "mlx-no-flat")
     if args.worker:
         return {"matmul": worker_matmul, "mlx": worker_mlx, "torch": worker_torch}[args.worker](args)
 

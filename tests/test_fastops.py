@@ -422,3 +422,44 @@ def test_two_streams_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     assert type(model.layers[0]) is llama.TransformerBlock
     assert streams.halves(5) == [slice(0, 2), slice(2, 5)]
     assert [streams.threads_per_stream(n) for n in (1, 2, 3, 8)] == [1, 1, 1, 4]
+
+
+def test_the_second_streams_elementwise_chains_run_on_flat_views(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the second CPU stream the fast ops' elementwise chains get 1-D views, with the same numbers.
+
+    (mx.compile would otherwise merge their constants' broadcasts with the first stream's, and
+    build the second stream's kernels as unvectorized strided loops: docs/benchmarks.md.)
+    """
+    from mlx_distill.training import streams
+
+    seen: list[tuple[int, ...]] = []
+
+    def fn(a: mx.array, b: mx.array) -> tuple[mx.array, mx.array]:
+        seen.append(a.shape)
+        return a * b, a + b
+
+    flat = fastops.flat_on_second(fn)
+    x, y = mx.arange(24, dtype=mx.float32).reshape(2, 3, 4), mx.full((2, 3, 4), 2.0)
+    z = -mx.abs(mx.random.normal((4, 5, 7))) * 20
+    alone = fastops.exp_neg(z)
+    with streams.two_streams(_lora_model(), enabled=True):
+        first, second = streams.active_streams()
+        with mx.stream(first):
+            assert not fastops.on_second_stream()
+            flat(x, y)
+        with mx.stream(second):
+            assert fastops.on_second_stream()
+            prod, total = flat(x, y)
+            flat(x, y[0])  # not all of one shape: called as it is
+            on_second = fastops.exp_neg(z)
+            mx.eval(prod, total, on_second)
+        monkeypatch.setenv(fastops.FLAT_ENV, "0")
+        with mx.stream(second):
+            assert not fastops.on_second_stream()
+            flat(x, y)
+    assert not fastops.on_second_stream()
+    flat(x, y)
+    assert seen == [(2, 3, 4), (24,), (2, 3, 4), (2, 3, 4), (2, 3, 4)]
+    assert prod.shape == total.shape == (2, 3, 4)
+    assert np.array_equal(np.array(prod), np.array(x * y)) and np.array_equal(np.array(total), np.array(x + y))
+    assert np.array_equal(np.array(on_second), np.array(alone))

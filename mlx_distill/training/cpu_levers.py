@@ -18,10 +18,14 @@ Measured on the 2-core x86 box of docs/benchmarks.md, one training step of
   tok/s; by hand, the same compiled steps called alternately: 1.05-1.07x;
   ~1 s to compile a new count).
 * ``streams.two_streams``: each half of the batch on its own MLX CPU stream
-  (thread), OpenBLAS at half the cores meanwhile (217.5 -> 272.4 tok/s).
+  (thread), OpenBLAS at half the cores meanwhile (217.5 -> 272.4 tok/s), the
+  second stream's elementwise chains on 1-D views (``fastops.flat_on_second``:
+  otherwise compiled as unvectorized strided loops; 2026-12-04 on a 2-core AMD
+  EPYC box, 194.1 / 198.2 / 209.6 -> 205.8 / 221.8 / 230.4 tok/s).
 
 Tried and removed (docs/benchmarks.md, "Performance levers"): glibc malloc
 tuning with ``mallopt`` (84.5 vs 82.0 tok/s, within noise, and 1 GB more RSS);
+a larger MLX CPU buffer cache (no faster, 0.4-1.5 GB more RSS);
 two streams with the whole model called once per half (no overlap: 225.0 ->
 195.5 tok/s) and half of each attention softmax on a second stream (197.3 ->
 187.9 tok/s).
@@ -153,8 +157,9 @@ def cpu_levers(model: Any, enabled: bool | None = None) -> Iterator[Levers]:
     Off the CPU (Metal, CUDA) nothing is applied and mlx-lm's own path runs.
     Each lever also has its own switch: ``MLX_DISTILL_FAST_OPS=0``,
     ``MLX_DISTILL_NATIVE_JIT=0``, ``MLX_DISTILL_CHUNKED_HEAD=0``,
-    ``MLX_DISTILL_LOSS_ROWS=0`` (the head over every position) and
-    ``MLX_DISTILL_CPU_STREAMS=0`` turn it off.
+    ``MLX_DISTILL_LOSS_ROWS=0`` (the head over every position),
+    ``MLX_DISTILL_CPU_STREAMS=0`` and ``MLX_DISTILL_FLAT_SECOND=0`` (the second
+    stream's ops keep their shapes) turn it off.
     """
     from mlx_distill.training import headce
 

@@ -40,6 +40,7 @@ from typing import Any
 
 CLAMP = -87.0  # exp(-87) = 1.6e-38 > FLT_MIN: no denormals in the squarings
 ENV = "MLX_DISTILL_FAST_OPS"  # "0" turns the CPU ops off, "1" forces them on any device
+FLAT_ENV = "MLX_DISTILL_FLAT_SECOND"  # "0": the second CPU stream's ops keep their shapes (flat_on_second)
 
 
 def env_off(name: str) -> bool:
@@ -59,12 +60,57 @@ def use_fast_ops() -> bool:
     return mx.default_device() == mx.cpu
 
 
+def on_second_stream() -> bool:
+    """True while ops are made on the second of ``training.streams``' two CPU streams.
+
+    Why it matters: ``mx.compile`` merges identical subgraphs whatever their
+    stream, so a constant broadcast to the same shape on both streams (the
+    halves of a batch have the same shapes) becomes one node on the first
+    stream. The second stream's fused kernels cannot take in another stream's
+    node, so they read it as a stride-0 input and MLX builds them as loops
+    with run-time strides, which g++ does not vectorize. :func:`flat_on_second`
+    gives the second stream's elementwise chains 1-D views instead, whose
+    broadcasts have a shape of their own (measured: lever table of
+    docs/benchmarks.md).
+    """
+    from mlx_distill.training import streams
+
+    two = streams.active_streams()
+    if two is None or env_off(FLAT_ENV):
+        return False
+    import mlx.core as mx
+
+    return mx.default_stream(mx.cpu) == two[1]
+
+
+def flat_on_second(fn: Any) -> Any:
+    """``fn`` of same-shaped arrays, called on 1-D views of them on the second CPU stream (:func:`on_second_stream`).
+
+    Outputs (an array or a tuple of arrays) get the inputs' shape back;
+    reshaping a contiguous array is free. Elsewhere ``fn`` is called as it is.
+    """
+
+    def call(*arrays: Any) -> Any:
+        shape = arrays[0].shape
+        if len(shape) < 2 or any(a.shape != shape for a in arrays) or not on_second_stream():
+            return fn(*arrays)
+        out = fn(*(a.reshape(-1) for a in arrays))
+        return tuple(o.reshape(shape) for o in out) if isinstance(out, tuple) else out.reshape(shape)
+
+    return call
+
+
 def exp_neg(x: Any) -> Any:
     """``exp(x)`` for ``x <= 0`` from multiplies and adds only (relative error < 4e-5).
 
     Positive inputs are not supported (the result is wrong, not an error):
-    callers subtract a maximum first, as softmax does.
+    callers subtract a maximum first, as softmax does. On the second CPU
+    stream it runs on a 1-D view (:func:`flat_on_second`).
     """
+    return flat_on_second(_exp_neg)(x)
+
+
+def _exp_neg(x: Any) -> Any:
     import mlx.core as mx
 
     y = mx.maximum(x, CLAMP) * (1.0 / 256)
@@ -128,6 +174,7 @@ def _make_ops(stream: Any = None) -> dict[str, Any]:
         # d lse / dx = softmax(x) = exp(x - lse); x - lse <= 0 always.
         return (cotangent[..., None] * exp_neg(x - output[..., None]),)
 
+    @flat_on_second
     def sigmoid(g: Any) -> Any:
         # exp(-|g|) <= 1 never overflows; sigmoid(-g) = 1 - sigmoid(g) = e / (1 + e).
         e = exp_neg(-mx.abs(g))
@@ -136,17 +183,22 @@ def _make_ops(stream: Any = None) -> dict[str, Any]:
 
     @mx.custom_function
     @pinned
+    @flat_on_second
     def swiglu(gate: Any, x: Any) -> Any:
         return gate * sigmoid(gate) * x
+
+    @flat_on_second
+    def _swiglu_grads(gate: Any, x: Any, cotangent: Any) -> tuple[Any, Any]:
+        s = sigmoid(gate)
+        silu = gate * s
+        # d silu / d gate = s + gate * s * (1 - s) = s * (1 + gate * (1 - s))
+        return cotangent * x * s * (1.0 + gate * (1.0 - s)), cotangent * silu
 
     @swiglu.vjp
     @pinned
     def _swiglu_vjp(primals: Any, cotangent: Any, output: Any) -> Any:
         gate, x = primals
-        s = sigmoid(gate)
-        silu = gate * s
-        # d silu / d gate = s + gate * s * (1 - s) = s * (1 + gate * (1 - s))
-        return cotangent * x * s * (1.0 + gate * (1.0 - s)), cotangent * silu
+        return _swiglu_grads(gate, x, cotangent)
 
     @mx.custom_function
     @pinned

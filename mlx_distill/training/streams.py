@@ -21,6 +21,13 @@ layers' forward at 4 x 353 tokens 2395 -> 2182 ms (``bench_cpu_ops``).
 Calling the whole model once per half on two streams gained nothing (the two
 graphs did not overlap), nor did splitting only the attention softmax.
 
+The second stream's elementwise chains in the fast ops run on 1-D views
+(``fastops.flat_on_second``): ``mx.compile`` merges the two halves' identical
+constant broadcasts into one node on the first stream, and the second
+stream's kernels would read it as a stride-0 input, which MLX compiles as an
+unvectorized strided loop (2026-12-04, 2-core AMD EPYC: 1.06-1.12x the
+training step, ``bench_train`` way ``mlx-no-flat``).
+
 Not applied to batches of one row or with a KV cache; packed rows
 (``--pack``) are split too, each half with its rows' segment ids.
 ``MLX_DISTILL_CPU_STREAMS=0`` turns it off.
