@@ -23,7 +23,7 @@ layer decoding slower than OpenBLAS (128 vs 100 ms). So it is not the
 default; training alone (``mlx-distill train`` in its own process, where the
 two CPU streams run MKL at one thread each) is where it paid, on that Intel
 box: on a 2-core AMD EPYC box (2026-12-04) MKL trained slower than OpenBLAS
-(192.0 vs 231.1 tok/s).
+(192.0 vs 231.1 and 201.1 vs 223.5 tok/s).
 
 ``MLX_DISTILL_BLAS`` chooses: ``openblas`` (the default), ``mkl``, ``off``
 (MLX's bundled BLAS) or a library path.
