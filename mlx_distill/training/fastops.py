@@ -32,6 +32,7 @@ axis last.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Iterator
@@ -90,6 +91,7 @@ def flat_on_second(fn: Any) -> Any:
     reshaping a contiguous array is free. Elsewhere ``fn`` is called as it is.
     """
 
+    @functools.wraps(fn)
     def call(*arrays: Any) -> Any:
         shape = arrays[0].shape
         if len(shape) < 2 or any(a.shape != shape for a in arrays) or not on_second_stream():
@@ -100,6 +102,7 @@ def flat_on_second(fn: Any) -> Any:
     return call
 
 
+@flat_on_second
 def exp_neg(x: Any) -> Any:
     """``exp(x)`` for ``x <= 0`` from multiplies and adds only (relative error < 4e-5).
 
@@ -107,10 +110,6 @@ def exp_neg(x: Any) -> Any:
     callers subtract a maximum first, as softmax does. On the second CPU
     stream it runs on a 1-D view (:func:`flat_on_second`).
     """
-    return flat_on_second(_exp_neg)(x)
-
-
-def _exp_neg(x: Any) -> Any:
     import mlx.core as mx
 
     y = mx.maximum(x, CLAMP) * (1.0 / 256)

@@ -25,8 +25,8 @@ The second stream's elementwise chains in the fast ops run on 1-D views
 (``fastops.flat_on_second``): ``mx.compile`` merges the two halves' identical
 constant broadcasts into one node on the first stream, and the second
 stream's kernels would read it as a stride-0 input, which MLX compiles as an
-unvectorized strided loop (2026-12-04, 2-core AMD EPYC: 1.06-1.12x the
-training step, ``bench_train`` way ``mlx-no-flat``).
+unvectorized strided loop (2026-12-04, 2-core AMD EPYC: 1.03-1.13x the
+training step across three runs, ``bench_train`` way ``mlx-no-flat``).
 
 Not applied to batches of one row or with a KV cache; packed rows
 (``--pack``) are split too, each half with its rows' segment ids.
