@@ -1,37 +1,45 @@
-"""Send MLX's skinny fp32 matmuls (a few rows: token-by-token decoding) to BLIS, the rest to OpenBLAS.
+"""MLX's skinny fp32 matmuls (a few rows: token-by-token decoding) to a kernel of our own or BLIS; the rest to OpenBLAS.
 
-Why: OpenBLAS 0.3.21 packs (copies) the whole weight matrix on every
-``sgemm`` call. Decoding 8 sequences multiplies 8 rows by every weight
-matrix, so for a big matrix the copy costs more than the multiply: in a perf
-profile of 8 rows by SmolLM2's 49,152-word lm_head, 48% of the time was
-``sgemm_incopy``. BLIS (Debian ``libblis4-pthread``) has unpacked kernels
-for skinny shapes. Measured on this 2-core box (2026-11-28, ms per call,
-OpenBLAS -> BLIS, 8 rows): by the 49,152 x 576 lm_head 15.8 -> 7.2; by
-1536 x 1536 0.76 -> 0.51; by 1536 x 576 0.30 -> 0.38 (small weights:
-OpenBLAS is faster alone). In the decode loop (embedded model, 8 prompts,
-160 tokens, two rounds) all skinny calls to BLIS gave 58.2 and 58.0 tok/s
-on 27.7 CPU-seconds, only the big weights to BLIS 57.0 and 53.7 tok/s,
-none 57.4 and 55.9 tok/s on 40.6 CPU-seconds: between calls OpenBLAS's idle
-threads spin, BLIS's sleep. So every call with at most
-``MLX_DISTILL_SKINNY_ROWS`` rows (:data:`DEFAULT_ROWS` = 12) goes to BLIS.
-Past that BLIS loses: one decode step of the demo model (``bench_cpu_ops``,
-``decode_rows``; 2026-11-28, ms, OpenBLAS alone vs every call of <= 32 rows
-to BLIS) at 4 rows 96.0 vs 87.8, 8 rows 98.5 vs 97.2, 12 rows 118.5 vs
-115.9, 16 rows 115.3 vs 136.7, 32 rows 158.0 vs 192.6 (the limit was 32
-until then). For big matmuls (training, prompt prefill) Debian's BLIS is
-~2x slower than OpenBLAS.
+Why: decoding 8 sequences multiplies 8 rows by every weight matrix, so a
+decode step reads all 538 MB of the demo model's fp32 weights and does little
+arithmetic with them: its speed is how fast the weights stream from memory.
+OpenBLAS 0.3.21 packs (copies) the whole weight matrix on every ``sgemm``
+call (48% of the time of 8 rows by SmolLM2's 49,152-word lm_head was
+``sgemm_incopy``). BLIS (Debian ``libblis4-pthread``) has unpacked kernels
+for skinny shapes: on a 2-core Intel Xeon box (2026-11-28) the lm_head by
+8 rows 15.8 -> 7.2 ms, 1536 x 1536 0.76 -> 0.51 ms, but 1536 x 576 0.30 ->
+0.38 ms, and a whole decode step within +-10% either way. On a 2-core AMD
+EPYC box (2026-12-04) the decode step's 211 matmuls through BLIS ran at
+4-9 GB/s, while one core streams memory at ~17 GB/s (numpy's sum).
+
+So the calls a Linear makes while decoding (row-major ``x @ w.T``, at most
+:data:`KERNEL_ROWS` rows) go to a kernel of our own (``SOURCE``): each weight
+row is read once for all rows of ``x`` (which stays in L1), two weight rows
+at a time, 16 floats a vector (GCC vector extensions, built with
+``-march=native``), the next rows prefetched 16 KB ahead (one thread out of
+cache: 5.5 -> 9 GB/s), and the weight's rows split between the caller and
+one helper thread per other core (the helpers spin ``SPIN_US`` after a job,
+then sleep). On the AMD box the decode step's 211 matmuls took 37-41 ms
+against 58-68 ms through BLIS, the step 71-80 against 88-103 ms, and batched
+generation ran 1.43x faster (``scripts/bench_cpu_ops.py``,
+``scripts/bench_generate.py``). At 24 rows and more OpenBLAS's packed kernel
+is as fast (decode step of 24 rows: 156 vs 154 ms), hence 16. Other skinny
+calls (attention's, LoRA's) go to BLIS when it is installed, since OpenBLAS
+loses to it below ~12 rows; the rest to OpenBLAS.
 
 How: MLX calls ``cblas_sgemm`` from whichever library defined it first in the
-process. A short C shim that defines only ``cblas_sgemm`` is compiled once
-(``gcc``, cached under ``$MLX_DISTILL_HOME/blas``) and loaded with
-``RTLD_GLOBAL`` just before OpenBLAS; it forwards the skinny calls to BLIS
-and all others, and every other BLAS/LAPACK symbol, to OpenBLAS. BLIS is
-loaded privately with ``RTLD_DEEPBIND`` and one thread per core: BLIS's
+process. The shim defines only ``cblas_sgemm``; it is compiled once (``gcc``,
+cached under ``$MLX_DISTILL_HOME/blas`` and keyed by the CPU) and loaded with
+``RTLD_GLOBAL`` just before OpenBLAS, and forwards every call it does not
+take to BLIS or OpenBLAS (every other BLAS/LAPACK symbol is OpenBLAS's). BLIS
+is loaded privately with ``RTLD_DEEPBIND`` and one thread per core: BLIS's
 ``cblas_sgemm`` calls its own ``sgemm_``, and without DEEPBIND that name
 would bind to OpenBLAS's global one, so every "BLIS" call ran OpenBLAS
 (as it did before 2026-11-28; ``tests/test_perf_blas.py`` checks the
-binding). Without BLIS, a C compiler or glibc's ``RTLD_DEEPBIND`` nothing
-changes. ``MLX_DISTILL_SKINNY_BLAS=0`` turns it off.
+binding). Without a C compiler nothing changes. Switches:
+``MLX_DISTILL_SKINNY_BLAS=0`` (no shim), ``MLX_DISTILL_SKINNY_KERNEL=0``
+(skinny calls to BLIS as before), ``MLX_DISTILL_SKINNY_ROWS`` (the row limit),
+``MLX_DISTILL_SKINNY_THREADS`` and ``MLX_DISTILL_SKINNY_SPIN_US``.
 """
 
 from __future__ import annotations
@@ -51,42 +59,244 @@ BLIS_CANDIDATES = (
 )
 ENV = "MLX_DISTILL_SKINNY_BLAS"
 DEFAULT_ROWS = 12  # calls with at most this many rows go to BLIS (MLX_DISTILL_SKINNY_ROWS overrides)
+KERNEL_ROWS = 16  # Linear calls with at most this many rows go to the own kernel (MLX_DISTILL_SKINNY_KERNEL_ROWS)
+SPIN_US = 100  # a helper thread spins this long after a job before it sleeps (MLX_DISTILL_SKINNY_SPIN_US)
+PREFETCH = 4096  # floats ahead of the weight rows being read (16 KB)
 
 SOURCE = r"""
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stddef.h>
 #include <stdlib.h>
+#include <time.h>
 #include <unistd.h>
 #ifndef RTLD_DEEPBIND
 #error "BLIS would call OpenBLAS's sgemm_ without RTLD_DEEPBIND (glibc only)"
+#endif
+#if defined(__x86_64__) || defined(__i386__)
+#define RELAX() __builtin_ia32_pause()
+#elif defined(__aarch64__)
+#define RELAX() __asm__ __volatile__("yield")
+#else
+#define RELAX() do {} while (0)
 #endif
 
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float*, int, const float*, int, float,
                          float*, int);
 static sgemm_fn big_fn, small_fn;
-static int max_rows = DEFAULT_ROWS;
+static int max_rows = DEFAULT_ROWS, kernel_rows = KERNEL_ROWS, own = KERNEL_ON, nthreads = 1;
+static long spin_ns = SPIN_US * 1000L;
 static pthread_once_t once = PTHREAD_ONCE_INIT;
+long mlx_distill_skinny_calls;  /* calls the own kernel took (read by the tests) */
+
+/* ---- the own kernel: C[m][n] = alpha * sum_k A[m][k] * B[n][k] (+ beta * C), row-major, B transposed ----
+   Each weight row is read once from memory for all rows of A (up to 12 at a time); two weight rows share the loads
+   of A (which stays in L1). The sums are reduced with a shuffle tree, and the next weight rows are prefetched
+   PREFETCH floats ahead, which took one thread from 5.5 to 9 GB/s out of cache on a 2-core AMD EPYC. */
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+#define LD(p) (*(const v16*)(p))
+
+static inline float hsum(v16 v) {
+  v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+         __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+typedef struct { int m, k, lda, ldb, ldc; float alpha, beta; const float *a, *b; float* c; } job_t;
+
+static inline void put(const job_t* j, int m, int n, float s) {
+  float* c = j->c + (size_t)m * j->ldc + n;
+  *c = j->beta == 0.0f ? j->alpha * s : j->alpha * s + j->beta * *c;
+}
+
+static inline __attribute__((always_inline)) void kern(int M, const job_t* j, int m0, int n0, int n1) {
+  const int K = j->k, K16 = K & ~15;
+  const float* A = j->a + (size_t)m0 * j->lda;
+  int n = n0;
+  for (; n + 1 < n1; n += 2) {
+    v16 s0[12], s1[12];
+    for (int m = 0; m < M; m++) s0[m] = s1[m] = (v16){0};
+    const float* b0 = j->b + (size_t)n * j->ldb;
+    const float* b1 = b0 + j->ldb;
+    for (int k = 0; k < K16; k += 16) {
+      v16 w0 = LD(b0 + k), w1 = LD(b1 + k);
+      __builtin_prefetch(b0 + k + PREFETCH);
+      __builtin_prefetch(b1 + k + PREFETCH);
+      for (int m = 0; m < M; m++) {
+        v16 x = LD(A + (size_t)m * j->lda + k);
+        s0[m] += x * w0;
+        s1[m] += x * w1;
+      }
+    }
+    for (int m = 0; m < M; m++) {
+      float t0 = hsum(s0[m]), t1 = hsum(s1[m]);
+      for (int k = K16; k < K; k++) {
+        t0 += A[(size_t)m * j->lda + k] * b0[k];
+        t1 += A[(size_t)m * j->lda + k] * b1[k];
+      }
+      put(j, m0 + m, n, t0);
+      put(j, m0 + m, n + 1, t1);
+    }
+  }
+  for (; n < n1; n++) {
+    const float* b0 = j->b + (size_t)n * j->ldb;
+    for (int m = 0; m < M; m++) {
+      float t = 0;
+      for (int k = 0; k < K; k++) t += A[(size_t)m * j->lda + k] * b0[k];
+      put(j, m0 + m, n, t);
+    }
+  }
+}
+
+/* Rows of x in equal groups of at most 12 (24 sums in registers: 16 rows as 8 + 8); past 12 rows, each block
+   of NB weight rows is read from memory by the first group and from cache by the others. */
+#define NB 16
+static void part(const job_t* j, int n0, int n1) {
+  const int groups = (j->m + 11) / 12, size = (j->m + groups - 1) / groups;
+  for (int nb = n0; nb < n1; nb += NB) {
+    int ne = nb + NB < n1 ? nb + NB : n1;
+    for (int m0 = 0; m0 < j->m; m0 += size) {
+      switch (j->m - m0 < size ? j->m - m0 : size) {  /* one specialisation per row count */
+#define ROWS(r) case r: kern(r, j, m0, nb, ne); break;
+        ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8) ROWS(9) ROWS(10) ROWS(11) ROWS(12)
+      }
+    }
+  }
+}
+
+/* ---- helper threads: one per extra core; each spins SPIN_US after a job (decoding calls come ~0.1 ms
+   apart), then sleeps on a condition variable. One caller at a time; a second concurrent caller (another
+   MLX stream) runs its call alone on its own thread. ---- */
+#define MAX_THREADS 16
+#define DEFAULT_THREADS 8  /* two streams of memory already come close to a 2-core box's bandwidth; more is untested */
+static job_t job;
+static int bounds[MAX_THREADS + 1];
+static atomic_int generation, pending, sleepers;
+static pthread_mutex_t busy = PTHREAD_MUTEX_INITIALIZER, mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
+static int helpers_started;
+
+static long now_ns(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return t.tv_sec * 1000000000L + t.tv_nsec;
+}
+
+static void* helper(void* arg) {
+  int id = (int)(size_t)arg, seen = 0;
+  for (;;) {
+    long t0 = now_ns();
+    int g, spins = 0;
+    while ((g = atomic_load(&generation)) == seen) {
+      RELAX();
+      if (++spins % 256 == 0 && now_ns() - t0 > spin_ns) {
+        pthread_mutex_lock(&mu);
+        atomic_fetch_add(&sleepers, 1);
+        while ((g = atomic_load(&generation)) == seen) pthread_cond_wait(&cv, &mu);
+        atomic_fetch_sub(&sleepers, 1);
+        pthread_mutex_unlock(&mu);
+        break;
+      }
+    }
+    seen = g;
+    part(&job, bounds[id], bounds[id + 1]);
+    atomic_fetch_sub(&pending, 1);
+  }
+  return NULL;
+}
+
+static void after_fork_in_child(void) {  /* the helpers do not exist in a forked child */
+  helpers_started = 0;
+  nthreads = 1;
+  pthread_mutex_init(&busy, NULL);
+}
+
+static void own_sgemm(const job_t* j, int n) {
+  __atomic_fetch_add(&mlx_distill_skinny_calls, 1, __ATOMIC_RELAXED);
+  int t = nthreads;
+  if (n < 256 * t || t < 2 || pthread_mutex_trylock(&busy) != 0) {
+    part(j, 0, n);
+    return;
+  }
+  if (!helpers_started) {
+    helpers_started = 1;
+    for (int i = 1; i < t; i++) {
+      pthread_t th;
+      pthread_attr_t at;
+      pthread_attr_init(&at);
+      pthread_attr_setstacksize(&at, 1 << 16);
+      if (pthread_create(&th, &at, helper, (void*)(size_t)i) != 0) t = nthreads = i;
+      pthread_attr_destroy(&at);
+    }
+  }
+  job = *j;
+  for (int i = 0; i <= t; i++) bounds[i] = (int)((long)n * i / t) & ~1;
+  bounds[t] = n;
+  atomic_store(&pending, t - 1);
+  atomic_fetch_add(&generation, 1);
+  if (atomic_load(&sleepers) > 0) {
+    pthread_mutex_lock(&mu);
+    pthread_cond_broadcast(&cv);
+    pthread_mutex_unlock(&mu);
+  }
+  part(&job, bounds[0], bounds[1]);
+  while (atomic_load(&pending) > 0) RELAX();
+  pthread_mutex_unlock(&busy);
+}
 
 static void init(void) {
   /* The big library is already loaded (globally) by the time MLX calls; find its own symbol. */
   void* big = dlopen(BIG_PATH, RTLD_NOW | RTLD_NOLOAD);
   if (!big) big = dlopen(BIG_PATH, RTLD_NOW | RTLD_GLOBAL);
   if (big) big_fn = (sgemm_fn)dlsym(big, "cblas_sgemm");
-  void* small = dlopen(SMALL_PATH, RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND);
-  if (small) {
-    small_fn = (sgemm_fn)dlsym(small, "cblas_sgemm");
-    void (*threads)(long) = (void (*)(long))dlsym(small, "bli_thread_set_num_threads");
-    if (threads && !getenv("BLIS_NUM_THREADS")) threads(sysconf(_SC_NPROCESSORS_ONLN));
+  if (SMALL_PATH[0]) {
+    void* small = dlopen(SMALL_PATH, RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND);
+    if (small) {
+      small_fn = (sgemm_fn)dlsym(small, "cblas_sgemm");
+      void (*threads)(long) = (void (*)(long))dlsym(small, "bli_thread_set_num_threads");
+      if (threads && !getenv("BLIS_NUM_THREADS")) threads(sysconf(_SC_NPROCESSORS_ONLN));
+    }
   }
-  const char* rows = getenv("MLX_DISTILL_SKINNY_ROWS");
-  if (rows) max_rows = atoi(rows);
+  const char* v = getenv("MLX_DISTILL_SKINNY_ROWS");
+  if (v) max_rows = atoi(v);
+  v = getenv("MLX_DISTILL_SKINNY_KERNEL_ROWS");
+  if (v) kernel_rows = atoi(v);
+  v = getenv("MLX_DISTILL_SKINNY_KERNEL");
+  if (v && v[0]) own = !(v[0] == '0' || v[0] == 'f' || v[0] == 'n' || (v[0] == 'o' && v[1] == 'f'));
+  v = getenv("MLX_DISTILL_SKINNY_THREADS");
+  cpu_set_t cpus;  /* the cores this process may run on (a container's cpuset), at most DEFAULT_THREADS */
+  int usable = sched_getaffinity(0, sizeof cpus, &cpus) == 0 ? CPU_COUNT(&cpus) : (int)sysconf(_SC_NPROCESSORS_ONLN);
+  nthreads = v ? atoi(v) : (usable < DEFAULT_THREADS ? usable : DEFAULT_THREADS);
+  if (nthreads < 1) nthreads = 1;
+  if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
+  v = getenv("MLX_DISTILL_SKINNY_SPIN_US");
+  if (v) spin_ns = atol(v) * 1000L;
+  pthread_atfork(NULL, NULL, after_fork_in_child);
+}
+
+/* For the benchmarks' in-process A/B and the tests: turn the own kernel on or off; returns the old setting. */
+int mlx_distill_skinny_set_kernel(int on) {
+  pthread_once(&once, init);
+  int was = own;
+  own = on;
+  return was;
 }
 
 void cblas_sgemm(int order, int ta, int tb, int m, int n, int k, float alpha, const float* a, int lda,
                  const float* b, int ldb, float beta, float* c, int ldc) {
   pthread_once(&once, init);
-  /* MLX calls row-major x (m x k) @ w: m is the number of tokens. */
+  /* MLX calls row-major x (m x k) @ w: m is the number of tokens; a Linear's weight comes transposed. */
+  if (own && m <= kernel_rows && m > 0 && order == 101 && ta == 111 && tb == 112 && k > 0) {
+    job_t j = {m, k, lda, ldb, ldc, alpha, beta, a, b, c};
+    own_sgemm(&j, n);
+    return;
+  }
   sgemm_fn f = (small_fn && m <= max_rows) ? small_fn : big_fn;
   f(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
@@ -109,12 +319,15 @@ def load(openblas: str) -> str | None:
     if "path" in _state:
         return _state["path"]
     _state["path"] = None
-    small = blis_path()
+    small = blis_path() or ""
     cc = shutil.which("gcc") or shutil.which("cc")
-    if os.environ.get(ENV, "").strip().lower() in ("0", "false", "off", "no") or not small or not cc:
+    if os.environ.get(ENV, "").strip().lower() in ("0", "false", "off", "no") or not cc:
         return None
-    defines = [f'-DBIG_PATH="{openblas}"', f'-DSMALL_PATH="{small}"', f"-DDEFAULT_ROWS={DEFAULT_ROWS}"]
-    key = hashlib.sha256("|".join([SOURCE, *defines, cc]).encode()).hexdigest()[:16]
+    defines = [f'-DBIG_PATH="{openblas}"', f'-DSMALL_PATH="{small}"', f"-DDEFAULT_ROWS={DEFAULT_ROWS}", f"-DKERNEL_ROWS={KERNEL_ROWS}",
+               f"-DSPIN_US={SPIN_US}", f"-DPREFETCH={PREFETCH}"]
+    # -march=native: the kernel is built on the machine that runs it; the key names the CPU, so a cache
+    # shared between machines (a network home) builds one library per CPU.
+    key = hashlib.sha256("|".join([SOURCE, *defines, cc, _cpu()]).encode()).hexdigest()[:16]
     try:
         from mlx_distill.runs import home
 
@@ -125,11 +338,48 @@ def load(openblas: str) -> str | None:
                 src = Path(tmp) / "skinny.c"
                 src.write_text(SOURCE)
                 built = Path(tmp) / "skinny.so"
-                subprocess.run([cc, "-O2", "-shared", "-fPIC", *defines, str(src), "-o", str(built), "-ldl",
-                                "-lpthread"], check=True, capture_output=True, timeout=120)
+                # Without -march=native the kernel is built for the baseline ISA (SSE2 on x86-64: the lm_head by
+                # 8 rows 68 ms against BLIS's 11), so then it is off unless MLX_DISTILL_SKINNY_KERNEL=1.
+                for flags in (["-O3", "-march=native", "-DKERNEL_ON=1"], ["-O3", "-DKERNEL_ON=0"]):
+                    res = subprocess.run([cc, *flags, "-shared", "-fPIC", *defines, str(src), "-o", str(built),
+                                          "-ldl", "-lpthread"], capture_output=True, timeout=120)
+                    if res.returncode == 0:
+                        break
+                res.check_returncode()
                 os.replace(built, out)
         ctypes.CDLL(str(out), mode=os.RTLD_GLOBAL)
     except (OSError, subprocess.SubprocessError):
         return None  # no writable cache or no working compiler: plain OpenBLAS
     _state["path"] = str(out)
     return _state["path"]
+
+
+def _lib() -> ctypes.CDLL | None:
+    path = _state.get("path")
+    return ctypes.CDLL(path) if path else None
+
+
+def set_kernel(on: bool) -> bool | None:
+    """Send the skinny calls to the own kernel (True) or to BLIS/OpenBLAS as before (False).
+
+    Returns the previous setting, or None when the shim is not loaded. For
+    in-process comparisons (``scripts/bench_generate.py``) and tests; the
+    environment's ``MLX_DISTILL_SKINNY_KERNEL=0`` sets it at start-up.
+    """
+    lib = _lib()
+    return None if lib is None else bool(lib.mlx_distill_skinny_set_kernel(int(on)))
+
+
+def kernel_calls() -> int | None:
+    """How many matmuls the own kernel has taken in this process (None without the shim)."""
+    lib = _lib()
+    return None if lib is None else ctypes.c_long.in_dll(lib, "mlx_distill_skinny_calls").value
+
+
+def _cpu() -> str:
+    """The CPU's model and feature flags (Linux), for the build cache's key."""
+    try:
+        info = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "|".join(sorted({x for x in info if x.split(":")[0].strip() in ("model name", "flags", "Features")}))

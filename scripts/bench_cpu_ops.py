@@ -6,9 +6,10 @@ Measurements, each in its own subprocess (the BLAS choice is made when
 
 * ``skinny``: one matmul of 8 rows by a weight (the lm_head, 1536 x 1536,
   1536 x 576): OpenBLAS alone (``MLX_DISTILL_BLAS=openblas
-  MLX_DISTILL_SKINNY_BLAS=0``), OpenBLAS with the BLIS shim, and MKL
-  (``MLX_DISTILL_BLAS=mkl``, when installed); and whether BLIS's ``sgemm_``
-  binds to BLIS (``LD_DEBUG``).
+  MLX_DISTILL_SKINNY_BLAS=0``), through the shim to BLIS
+  (``MLX_DISTILL_SKINNY_KERNEL=0``), to the shim's own kernel (the default),
+  and MKL (``MLX_DISTILL_BLAS=mkl``, when installed); and whether BLIS's
+  ``sgemm_`` binds to BLIS (``LD_DEBUG``).
 * ``softmax``: the fast-ops softmax of 4 x 9 x 353 x 353 attention scores
   (compiled) and its pieces: the fused ``x - max`` + exp chain, the same chain
   over a precomputed array, the row max, the row sum.
@@ -19,7 +20,8 @@ Measurements, each in its own subprocess (the BLAS choice is made when
   tokens, CPU levers on), with and without the two CPU streams, vs the same
   layers' matmuls alone.
 * ``decode``: one decode step of the demo model for 8 rows over a 100-token
-  KV cache vs its 211 matmuls alone (the fp32 bandwidth floor).
+  KV cache vs its 211 matmuls alone (the fp32 bandwidth floor), with the
+  shim's kernel and with BLIS.
 * ``generate``: ``generate_batch`` (mlx-lm's BatchGenerator, on a stream of
   its own) for 8 prompts, then a bare greedy loop over the same left-padded
   batch on the default stream, ms a step each; on OpenBLAS and on MKL (MKL's
@@ -33,9 +35,10 @@ Measurements, each in its own subprocess (the BLAS choice is made when
   ``lookup``'s (attention one query at a time), MLX's attention for 1 and 4
   queries a row, the step's matmuls at 8 / 16 / 32 rows, and ``lookup.decode``
   of 8 prompts at 0-3 drafts a row (calls, tokens a call, ms a call).
-* ``decode_rows``: the same step for 4 to 32 rows, every skinny matmul to
-  BLIS (``MLX_DISTILL_SKINNY_ROWS=32``) vs OpenBLAS alone (where the shim's
-  row limit belongs) vs MKL.
+* ``decode_rows``: the same step for 4 to 32 rows: OpenBLAS alone, every
+  skinny matmul to BLIS (``MLX_DISTILL_SKINNY_KERNEL=0
+  MLX_DISTILL_SKINNY_ROWS=32``), the shim's kernel (the default, up to
+  ``KERNEL_ROWS``), MKL: where the row limits belong.
 
 The other measurements run on the default BLAS (OpenBLAS; ``MLX_DISTILL_BLAS`` changes it).
 
@@ -406,7 +409,7 @@ def main() -> None:
 
     from _benchlib import emit, write_section
 
-    from mlx_distill._skinny_blas import DEFAULT_ROWS as SKINNY_DEFAULT
+    from mlx_distill._skinny_blas import KERNEL_ROWS
 
     load0 = os.getloadavg()[0]
     figures: dict[str, Any] = {"bench": "cpu-ops", "reps": args.reps}
@@ -415,14 +418,18 @@ def main() -> None:
     openblas = {"MLX_DISTILL_BLAS": "openblas"}
     mkl = _blas.mkl_path() is not None
     figures["skinny_openblas_ms"] = run("skinny", args.reps, {**openblas, "MLX_DISTILL_SKINNY_BLAS": "0"})
-    figures["skinny_blis_ms"] = run("skinny", args.reps, openblas)
+    blis = {**openblas, "MLX_DISTILL_SKINNY_KERNEL": "0"}
+    figures["skinny_blis_ms"] = run("skinny", args.reps, blis)
+    figures["skinny_kernel_ms"] = run("skinny", args.reps, openblas)
     figures["skinny_mkl_ms"] = run("skinny", args.reps, {"MLX_DISTILL_BLAS": "mkl"}) if mkl else None
     figures["blis_sgemm_binds_to_blis"] = blis_binds_to_itself()
     figures["softmax"] = run("softmax", args.reps)
     figures["head"] = run("head", args.reps)
     figures["decode"] = run("decode", args.reps)
+    figures["decode_blis"] = run("decode", args.reps, blis)
     figures["decode_rows_openblas_ms"] = run("decode_rows", args.reps, {**openblas, "MLX_DISTILL_SKINNY_BLAS": "0"})
-    figures["decode_rows_blis_ms"] = run("decode_rows", args.reps, {**openblas, "MLX_DISTILL_SKINNY_ROWS": "32"})
+    figures["decode_rows_blis_ms"] = run("decode_rows", args.reps, {**blis, "MLX_DISTILL_SKINNY_ROWS": "32"})
+    figures["decode_rows_kernel_ms"] = run("decode_rows", args.reps, openblas)
     figures["decode_rows_mkl_ms"] = run("decode_rows", args.reps, {"MLX_DISTILL_BLAS": "mkl"}) if mkl else None
     figures["generate"] = [run("generate", args.reps, openblas)] + (
         [run("generate", args.reps, {"MLX_DISTILL_BLAS": "mkl"})] if mkl else [])
@@ -432,15 +439,17 @@ def main() -> None:
     figures["blas"] = figures["forward"]["blas"]  # the default BLAS, which the other measurements ran on
     figures["load_avg"] = [round(load0, 1), round(os.getloadavg()[0], 1)]
 
-    ob, bl, sm, hd, dc, fw = (figures["skinny_openblas_ms"], figures["skinny_blis_ms"], figures["softmax"],
-                              figures["head"], figures["decode"], figures["forward"])
+    ob, bl, kn, sm, hd, dc, fw = (figures["skinny_openblas_ms"], figures["skinny_blis_ms"], figures["skinny_kernel_ms"],
+                                  figures["softmax"], figures["head"], figures["decode"], figures["forward"])
+    dcb = figures["decode_blis"]
     fw1, va = figures["forward_one_stream"], figures["validation"]
     mk = figures["skinny_mkl_ms"] or {}
-    skinny_rows = "\n".join(f"| {shape} | {ob[shape]:.2f} | {bl[shape]:.2f} | {ob[shape] / bl[shape]:.2f}x | "
-                            f"{f'{mk[shape]:.2f}' if mk else '-'} |" for shape in ob)
-    dro, drb = figures["decode_rows_openblas_ms"], figures["decode_rows_blis_ms"]
+    skinny_rows = "\n".join(f"| {shape} | {ob[shape]:.2f} | {bl[shape]:.2f} | {kn[shape]:.2f} | "
+                            f"{bl[shape] / kn[shape]:.2f}x | {f'{mk[shape]:.2f}' if mk else '-'} |" for shape in ob)
+    dro, drb, drk = (figures["decode_rows_openblas_ms"], figures["decode_rows_blis_ms"],
+                     figures["decode_rows_kernel_ms"])
     drm = figures["decode_rows_mkl_ms"] or {}
-    decode_rows = "\n".join(f"| {r} | {dro[r]:.1f} | {drb[r]:.1f} | {dro[r] / drb[r]:.2f}x | "
+    decode_rows = "\n".join(f"| {r} | {dro[r]:.1f} | {drb[r]:.1f} | {drk[r]:.1f} | {min(dro[r], drb[r]) / drk[r]:.2f}x | "
                              f"{f'{drm[r]:.1f}' if drm else '-'} |" for r in dro)
     gen_rows = "\n".join(f"| {g['blas']} | {g['generate_batch_s']:.2f} s (longest row {g['longest']}) | "
                          f"{g['bare_loop_ms_a_step']:.1f} |" for g in figures["generate"])
@@ -453,11 +462,11 @@ def main() -> None:
 1-minute load average was {figures['load_avg'][0]} before and {figures['load_avg'][1]} after, on
 {os.cpu_count()} cores.
 
-Skinny matmuls, 8 rows (ms a call; BLIS through `_skinny_blas`, whose BLIS `sgemm_` binds to
-BLIS itself: {figures['blis_sgemm_binds_to_blis']}):
+Skinny matmuls, 8 rows (ms a call, the weight in cache after the first call; BLIS through `_skinny_blas`
+with its kernel off, whose BLIS `sgemm_` binds to BLIS itself: {figures['blis_sgemm_binds_to_blis']}):
 
-| x @ weight | OpenBLAS | OpenBLAS + BLIS shim | OpenBLAS / shim | MKL |
-| --- | ---: | ---: | ---: | ---: |
+| x @ weight | OpenBLAS | BLIS (shim) | shim's kernel | BLIS / kernel | MKL |
+| --- | ---: | ---: | ---: | ---: | ---: |
 {skinny_rows}
 
 Training forward of the demo model's {fw['layers']} layers (compiled, CPU levers on, 4 x 353 tokens, no
@@ -484,14 +493,16 @@ the chunks without `mx.depends` on the previous one):
 {head_rows}
 
 Decoding, the demo model, 8 rows over a 100-token KV cache: one step {dc['step_ms']:.1f} ms; its
-{dc['matmuls']} matmuls alone {dc['matmuls_ms']:.1f} ms ({dc['weights_mb']} MB of weights read per step).
+{dc['matmuls']} matmuls alone {dc['matmuls_ms']:.1f} ms ({dc['weights_mb']} MB of weights read per step,
+{dc['weights_mb'] / dc['matmuls_ms']:.1f} GB/s) on the shim's kernel; on BLIS {dcb['step_ms']:.1f} ms and
+{dcb['matmuls_ms']:.1f} ms ({dcb['weights_mb'] / dcb['matmuls_ms']:.1f} GB/s).
 
-The same decode step by rows (ms a step, 100-token KV cache): every skinny matmul through the BLIS shim
-(`MLX_DISTILL_SKINNY_ROWS=32`) vs OpenBLAS alone (`MLX_DISTILL_SKINNY_BLAS=0`). The shim's default
-row limit is {SKINNY_DEFAULT} (`_skinny_blas.py`):
+The same decode step by rows (ms a step, 100-token KV cache): OpenBLAS alone (`MLX_DISTILL_SKINNY_BLAS=0`),
+every skinny matmul to BLIS (`MLX_DISTILL_SKINNY_KERNEL=0 MLX_DISTILL_SKINNY_ROWS=32`), and the default: a
+Linear's matmuls of up to {KERNEL_ROWS} rows to the shim's kernel (`_skinny_blas.KERNEL_ROWS`), the rest as before:
 
-| rows | OpenBLAS | OpenBLAS + BLIS shim | OpenBLAS / shim | MKL |
-| ---: | ---: | ---: | ---: | ---: |
+| rows | OpenBLAS | BLIS | shim's kernel | better of the two / kernel | MKL |
+| ---: | ---: | ---: | ---: | ---: | ---: |
 {decode_rows}
 
 Generation, 8 prompts of `prompts/base.jsonl`, {figures['generate'][0]['tokens']} new tokens a row: `generate_batch`

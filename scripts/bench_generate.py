@@ -8,6 +8,9 @@ is the waste continuous batching avoids. Target: MLX batched >= 1.5x
 transformers batched. ``mlx-lookup`` is ``generate_batch`` with opt-in
 prompt-lookup decoding (``--lookup-tokens``, ``mlx_distill.lookup``; ``--lookup``
 drafts a row per call): the same greedy answers from fewer model calls.
+``mlx-blis`` is ``generate_batch`` with the skinny matmuls on BLIS instead of
+``_skinny_blas``'s own kernel (switched in this process, so both share the
+same warm caches).
 
 The machines are shared, so the batched ways run in alternating order for
 ``--rounds`` rounds and the best round of each counts; transformers runs with
@@ -73,8 +76,13 @@ def _figures(useful: int, wall: float, cpu: float, **extra: Any) -> dict[str, An
     }
 
 
-def mlx_batched(model: Any, tokenizer: Any, prompts: list[str], max_tokens: int, lookup: int = 0) -> dict[str, Any]:
+def mlx_batched(
+    model: Any, tokenizer: Any, prompts: list[str], max_tokens: int, lookup: int = 0, kernel: bool = True
+) -> dict[str, Any]:
+    from mlx_distill import _skinny_blas
     from mlx_distill.generate import generate_batch
+
+    _skinny_blas.set_kernel(kernel)
 
     out, wall, cpu = _timed(
         lambda: generate_batch(
@@ -189,12 +197,18 @@ def main() -> None:
     mlx_batched(model, tokenizer, prompts[:2], 4, args.lookup)
     hf = Transformers(Path(info.path), tokenizer, prompts)
     hf_ways = [f"hf{int(t)}" for t in args.hf_threads.split(",")]
-    ways = ["mlx", *(["mlx-lookup"] if args.lookup else []), *hf_ways]
+    from mlx_distill import _skinny_blas
+
+    blis = _skinny_blas.set_kernel(True) is not None and _skinny_blas.blis_path() is not None
+    if blis:
+        mlx_batched(model, tokenizer, prompts[:2], 4, kernel=False)
+    ways = ["mlx", *(["mlx-lookup"] if args.lookup else []), *(["mlx-blis"] if blis else []), *hf_ways]
     rounds: dict[str, list[dict[str, Any]]] = {w: [] for w in ways}
     for r in range(args.rounds):
         for way in ways if r % 2 == 0 else ways[::-1]:
             if way.startswith("mlx"):
-                res = mlx_batched(model, tokenizer, prompts, args.max_tokens, args.lookup if way == "mlx-lookup" else 0)
+                res = mlx_batched(model, tokenizer, prompts, args.max_tokens, args.lookup if way == "mlx-lookup" else 0,
+                                  kernel=way != "mlx-blis")
             else:
                 res = hf.run(args.max_tokens, int(way[2:]))
             rounds[way].append(res)
@@ -203,12 +217,15 @@ def main() -> None:
                 flush=True,
             )
     best = {w: max(rs, key=lambda x: x["tok_per_s"]) for w, rs in rounds.items()}
+    _skinny_blas.set_kernel(True)  # the one-at-a-time run on the default path
     mm = {t: small_matmul_ms(hf.torch, t) for t in (1, 2)}
     seq = mlx_sequential(model, tokenizer, prompts[: args.seq_prompts], args.max_tokens)
     mb = best["mlx"]
     hb = max((best[w] for w in hf_ways), key=lambda x: x["tok_per_s"])  # transformers at its best
     same = sum(a.strip() == b.strip() for a, b in zip(mb["texts"], hb["texts"]))
     lb = best.get("mlx-lookup")
+    bb = best.get("mlx-blis")
+    same_blis = sum(a == b for a, b in zip(mb["texts"], bb["texts"])) if bb else None
     same_lookup = sum(a == b for a, b in zip(mb["texts"], lb["texts"])) if lb else None
     ratio, ratio_cpu = mb["tok_per_s"] / hb["tok_per_s"], mb["tok_per_cpu_s"] / hb["tok_per_cpu_s"]
     ratio_seq = mb["tok_per_s"] / seq["tok_per_s"]
@@ -238,6 +255,9 @@ def main() -> None:
         "mlx_lookup_tok_s": lb["tok_per_s"] if lb else None,
         "lookup_vs_mlx": round(lb["tok_per_s"] / mb["tok_per_s"], 2) if lb else None,
         "identical_lookup_vs_mlx": f"{same_lookup}/{len(prompts)}" if lb else None,
+        "mlx_blis_tok_s": bb["tok_per_s"] if bb else None,
+        "kernel_vs_blis": round(mb["tok_per_s"] / bb["tok_per_s"], 2) if bb else None,
+        "identical_blis_vs_mlx": f"{same_blis}/{len(prompts)}" if bb else None,
         "load_avg": [round(load0, 1), round(load1, 1)],
         "torch_8x576x1536_matmul_ms": {str(t): round(v, 2) for t, v in mm.items()},
     }
@@ -245,6 +265,8 @@ def main() -> None:
         f"{w}: " + ", ".join(f"{x['tok_per_s']:.1f}" for x in rs) for w, rs in rounds.items()
     )
     rows = [("MLX batched (`generate_batch`, continuous batching)", mb)]
+    if bb:
+        rows += [("MLX batched, skinny matmuls on BLIS (`MLX_DISTILL_SKINNY_KERNEL=0`)", bb)]
     if lb:
         rows += [(f"MLX batched, prompt lookup (`--lookup-tokens {args.lookup}`, opt-in)", lb)]
     rows += [
@@ -283,6 +305,11 @@ end of this run), which is why 1 thread is measured too. The one-at-a-time run i
                  f"{lb['tok_per_s']:.1f} useful tok/s, **{lb['tok_per_s'] / mb['tok_per_s']:.2f}x** MLX batched without it "
                  f"({lb['tok_per_s'] / hb['tok_per_s']:.2f}x transformers); the same greedy answers as without it: "
                  f"{same_lookup}/{len(prompts)}.\n")
+    if bb:
+        body += (f"\nThe skinny matmuls on `_skinny_blas`'s own kernel (the default) instead of BLIS: {mb['tok_per_s']:.1f} "
+                 f"vs {bb['tok_per_s']:.1f} useful tok/s, **{mb['tok_per_s'] / bb['tok_per_s']:.2f}x** "
+                 f"({bb['tok_per_s'] / hb['tok_per_s']:.2f}x transformers on BLIS); the same greedy answers: "
+                 f"{same_blis}/{len(prompts)}.\n")
     if max(ratio, ratio_cpu) / min(ratio, ratio_cpu) > 1.5:
         body += (
             f"\n**Caveat:** the wall-clock ratio ({ratio:.2f}x) and the per-CPU-second ratio ({ratio_cpu:.2f}x) "

@@ -2,24 +2,29 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mlx_distill import _blas, _skinny_blas
 
-CHECK = """
+ROWS = (1, 8, 12, 13, 32, 33, 200)
+CHECK = f"ROWS = {ROWS!r}\n" + """
 import mlx_distill, mlx_distill._blas as b, mlx_distill._skinny_blas as s, mlx.core as mx, numpy as np
 rng = np.random.default_rng(0)
-for n, k in ((130, 96), (1100, 960)):  # a small and a big weight
+for n, k in ((130, 96), (1100, 960), (131, 100)):  # small, big, and odd (a tail in both n and k)
     w = rng.standard_normal((n, k)).astype(np.float32)
-    for m in (1, 8, 12, 13, 32, 200):  # both sides of the shim's 12-row switch (and of the old 32)
+    for m in ROWS:  # both sides of the 12-row switch to BLIS, the 16-row one to the own kernel, the old 32
         a = rng.standard_normal((m, k)).astype(np.float32)
         got = np.array(mx.array(a) @ mx.array(w).T)
         np.testing.assert_allclose(got, a @ w.T, rtol=1e-4, atol=2e-4, err_msg=f"{m} rows, {n}x{k}")
-print(b.kind(), s._state.get("path"), "blis" in open("/proc/self/maps").read())
+print(b.kind(), s._state.get("path"), "blis" in open("/proc/self/maps").read(), s.kernel_calls())
 """
 
 
@@ -32,7 +37,7 @@ def run(code: str, **env: str) -> list[str]:
 
 @pytest.mark.parametrize("choice", ["mkl", "openblas"])
 def test_matmuls_of_every_row_count_match_numpy(choice: str) -> None:
-    kind, shim, blis = run(CHECK, MLX_DISTILL_BLAS=choice)
+    kind, shim, blis, _ = run(CHECK, MLX_DISTILL_BLAS=choice)
     if kind != choice:
         pytest.skip(f"{choice} is not installed here")
     if choice == "mkl":  # the shim serves OpenBLAS only
@@ -40,22 +45,131 @@ def test_matmuls_of_every_row_count_match_numpy(choice: str) -> None:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
-def test_with_openblas_the_shim_is_loaded_when_blis_and_a_compiler_exist() -> None:
-    if _skinny_blas.blis_path() is None:
-        pytest.skip("no BLIS here (Debian: apt-get install libblis4-pthread)")
-    kind, shim, blis = run(CHECK, MLX_DISTILL_BLAS="openblas")
+def test_with_openblas_the_shim_sends_the_skinny_calls_to_its_kernel() -> None:
+    kind, shim, blis, calls = run(CHECK, MLX_DISTILL_BLAS="openblas")
     if kind != "openblas":
         pytest.skip("no OpenBLAS here")
     if shim == "None":
         pytest.skip("no C compiler or no writable cache for the shim")
-    assert blis == "True"  # the skinny calls above loaded BLIS
+    # Each of the three weights by every row count up to KERNEL_ROWS; the rest to OpenBLAS.
+    assert int(calls) == 3 * sum(m <= _skinny_blas.KERNEL_ROWS for m in ROWS)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
+def test_with_the_kernel_off_the_skinny_calls_go_to_blis() -> None:
+    if _skinny_blas.blis_path() is None:
+        pytest.skip("no BLIS here (Debian: apt-get install libblis4-pthread)")
+    kind, shim, blis, calls = run(CHECK, MLX_DISTILL_BLAS="openblas", MLX_DISTILL_SKINNY_KERNEL="0")
+    if kind != "openblas":
+        pytest.skip("no OpenBLAS here")
+    if shim == "None":
+        pytest.skip("no C compiler or no writable cache for the shim")
+    assert (blis, calls) == ("True", "0")  # the skinny calls above loaded BLIS
 
 
 def test_it_can_be_turned_off() -> None:
-    kind, shim, blis = run(CHECK, MLX_DISTILL_BLAS="openblas", **{_skinny_blas.ENV: "0"})
+    kind, shim, blis, calls = run(CHECK, MLX_DISTILL_BLAS="openblas", **{_skinny_blas.ENV: "0"})
     if kind != "openblas":
         pytest.skip("no OpenBLAS here")
-    assert (shim, blis) == ("None", "False")
+    assert (shim, blis, calls) == ("None", "False", "None")
+
+
+def _shim() -> ctypes.CDLL:
+    path = _skinny_blas._state.get("path")
+    if not path:
+        pytest.skip("the shim is not loaded here (no OpenBLAS, no C compiler or MLX_DISTILL_SKINNY_BLAS=0)")
+    lib = ctypes.CDLL(path)
+    lib.cblas_sgemm.argtypes = [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int,
+                                                     ctypes.c_void_p, ctypes.c_int, ctypes.c_float,
+                                                     ctypes.c_void_p, ctypes.c_int]
+    return lib
+
+
+def _sgemm(lib: ctypes.CDLL, a: np.ndarray, w: np.ndarray, c: np.ndarray, m: int, n: int, k: int,
+           alpha: float = 1.0, beta: float = 0.0) -> None:
+    """Row-major ``c[:m, :n] = alpha * a[:m, :k] @ w[:n, :k].T + beta * c``, as MLX calls it for ``x @ w.T``."""
+    lib.cblas_sgemm(101, 111, 112, m, n, k, alpha, a.ctypes.data, a.shape[1], w.ctypes.data, w.shape[1], beta,
+                    c.ctypes.data, c.shape[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
+def test_the_kernel_matches_numpy_for_every_row_count_tail_stride_alpha_and_beta() -> None:
+    lib = _shim()
+    rng = np.random.default_rng(1)
+    before = _skinny_blas.kernel_calls()
+    done = 0
+    for n, k in ((1, 16), (7, 33), (600, 576), (1537, 95)):  # n over 2 x 256 splits between the threads
+        for m in (*range(1, 14), 16):  # up to KERNEL_ROWS (16), in equal groups of at most 12 (13: 7 + 6, 16: 8 + 8)
+            # Strided: rows of a, w and c longer than k and n (MLX passes lda, ldb, ldc).
+            a = rng.standard_normal((m, k + 5)).astype(np.float32)
+            w = rng.standard_normal((n, k + 3)).astype(np.float32)
+            for alpha, beta in ((1.0, 0.0), (0.5, 2.0)):
+                c = rng.standard_normal((m, n + 2)).astype(np.float32)
+                want = alpha * (a[:, :k] @ w[:, :k].T) + beta * c[:, :n]
+                edge = c[:, n:].copy()
+                _sgemm(lib, a, w, c, m, n, k, alpha, beta)
+                done += 1
+                np.testing.assert_allclose(c[:, :n], want, rtol=1e-4, atol=1e-3, err_msg=f"{m}x{k} @ {n}x{k}")
+                np.testing.assert_array_equal(c[:, n:], edge)  # nothing written past n
+    assert _skinny_blas.kernel_calls() - before == done
+
+
+FORKED = """
+import ctypes, os, signal, sys
+import numpy as np
+import mlx_distill, mlx_distill._skinny_blas as s
+sys.path.insert(0, {tests!r})
+from test_perf_blas import _sgemm
+lib = ctypes.CDLL(s._state["path"])
+lib.cblas_sgemm.argtypes = [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                                                 ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+rng = np.random.default_rng(2)
+a, w = rng.standard_normal((8, 576)).astype(np.float32), rng.standard_normal((4096, 576)).astype(np.float32)
+c = np.zeros((8, 4096), np.float32)
+_sgemm(lib, a, w, c, 8, 4096, 576)  # starts the helper threads (4096 rows are split)
+pid = os.fork()
+if pid == 0:  # the helpers do not exist here: a call that waited for them would hang
+    signal.alarm(20)
+    c[:] = 0
+    _sgemm(lib, a, w, c, 8, 4096, 576)
+    os._exit(0 if np.allclose(c, a @ w.T, rtol=1e-4, atol=1e-3) else 3)
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
+def test_the_kernel_works_in_a_forked_child_after_its_threads_started() -> None:
+    _shim()
+    out = run(FORKED.format(tests=os.path.dirname(__file__)), MLX_DISTILL_BLAS="openblas",
+              MLX_DISTILL_SKINNY_THREADS="2")
+    assert out == ["0"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
+def test_two_streams_calling_the_kernel_at_once_get_their_own_answers() -> None:
+    """One caller at a time uses the helper threads; a second one (another MLX stream) runs its call alone."""
+    _shim()
+    import mlx.core as mx
+
+    rng = np.random.default_rng(3)
+    ws = [rng.standard_normal((2048, 576)).astype(np.float32) for _ in range(2)]
+    xs = [rng.standard_normal((8, 576)).astype(np.float32) for _ in range(2)]
+    streams = [mx.default_stream(mx.cpu), mx.new_stream(mx.cpu)]
+    for _ in range(20):
+        outs = []
+        for x, w, st in zip(xs, ws, streams):
+            with mx.stream(st):
+                y = mx.array(x)
+                for _ in range(4):  # chained, so each stream keeps calling while the other does
+                    y = (y @ mx.array(w).T)[:, :576] * 0.05
+                outs.append(y)
+        mx.eval(outs)
+        for x, w, y in zip(xs, ws, outs):
+            want = x
+            for _ in range(4):
+                want = (want @ w.T)[:, :576] * 0.05
+            np.testing.assert_allclose(np.array(y), want, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
@@ -74,3 +188,20 @@ def test_blis_runs_its_own_sgemm_not_openblas() -> None:
         pytest.skip("the shim was not built (no C compiler or no writable cache)")
     assert sgemm, "BLIS's sgemm_ binding not seen (was BLIS loaded?)"
     assert all(f" to {blis} " in line for line in sgemm), sgemm
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
+def test_without_native_flags_the_kernel_is_built_but_off(tmp_path: Path) -> None:
+    """A compiler that refuses -march=native: the portable build (SSE2: 6x slower than BLIS) leaves the kernel off."""
+    _shim()
+    real = shutil.which("gcc") or shutil.which("cc")
+    fake = tmp_path / "bin" / "gcc"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -march=native ] && exit 1; done\nexec "{real}" "$@"\n')
+    fake.chmod(0o755)
+    env = {"MLX_DISTILL_BLAS": "openblas", "MLX_DISTILL_HOME": str(tmp_path / "home"),
+           "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}"}
+    kind, shim, _, calls = run(CHECK, **env)
+    assert (kind, calls) == ("openblas", "0") and shim.startswith(str(tmp_path / "home"))
+    _, _, _, calls = run(CHECK, MLX_DISTILL_SKINNY_KERNEL="1", **env)  # on request it still runs, and is right
+    assert int(calls) > 0
