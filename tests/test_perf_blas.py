@@ -114,6 +114,27 @@ def test_the_kernel_matches_numpy_for_every_row_count_tail_stride_alpha_and_beta
     assert _skinny_blas.kernel_calls() - before == done
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
+def test_the_not_transposed_path_matches_numpy_and_leaves_other_shapes_to_blas() -> None:
+    """Attention's probabilities @ values while decoding: a few rows by B (k x n), n a multiple of 16 up to 256."""
+    lib = _shim()
+    rng = np.random.default_rng(4)
+    before, done = _skinny_blas.kernel_calls(), 0
+    for m, k, n in ((1, 102, 64), (3, 7, 16), (16, 300, 256), (2, 1, 128), (1, 64, 8), (4, 64, 272), (17, 8, 64)):
+        a = rng.standard_normal((m, k + 2)).astype(np.float32)
+        b = rng.standard_normal((k, n + 5)).astype(np.float32)
+        for alpha, beta in ((1.0, 0.0), (0.5, 2.0)):
+            c = rng.standard_normal((m, n + 3)).astype(np.float32)
+            want = alpha * (a[:, :k] @ b[:, :n]) + beta * c[:, :n]
+            edge = c[:, n:].copy()
+            lib.cblas_sgemm(101, 111, 111, m, n, k, alpha, a.ctypes.data, a.shape[1], b.ctypes.data, b.shape[1], beta,
+                            c.ctypes.data, c.shape[1])
+            np.testing.assert_allclose(c[:, :n], want, rtol=1e-4, atol=1e-3, err_msg=f"{m}x{k} @ {k}x{n}")
+            np.testing.assert_array_equal(c[:, n:], edge)
+            done += n % 16 == 0 and n <= 256 and m <= _skinny_blas.KERNEL_ROWS  # the rest went to BLIS / OpenBLAS
+    assert _skinny_blas.kernel_calls() - before == done == 8
+
+
 FORKED = """
 import ctypes, os, signal, sys
 import numpy as np
