@@ -1,0 +1,270 @@
+/* The BLAS shim of mlx_distill/_skinny_blas.py (see its docstring for the why and the measurements):
+   defines cblas_sgemm only, takes the few-row calls of decoding (its own kernel; other skinny calls to BLIS)
+   and forwards the rest to OpenBLAS. Built by _skinny_blas.load() with -D BIG_PATH, SMALL_PATH,
+   DEFAULT_ROWS, KERNEL_ROWS, SPIN_US, PREFETCH and KERNEL_ON. */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <time.h>
+#include <unistd.h>
+#ifndef RTLD_DEEPBIND
+#error "BLIS would call OpenBLAS's sgemm_ without RTLD_DEEPBIND (glibc only)"
+#endif
+#if defined(__x86_64__) || defined(__i386__)
+#define RELAX() __builtin_ia32_pause()
+#elif defined(__aarch64__)
+#define RELAX() __asm__ __volatile__("yield")
+#else
+#define RELAX() do {} while (0)
+#endif
+
+typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float*, int, const float*, int, float,
+                         float*, int);
+static sgemm_fn big_fn, small_fn;
+static int max_rows = DEFAULT_ROWS, kernel_rows = KERNEL_ROWS, own = KERNEL_ON, nthreads = 1;
+static long spin_ns = SPIN_US * 1000L;
+static pthread_once_t once = PTHREAD_ONCE_INIT;
+long mlx_distill_skinny_calls;  /* calls the own kernel took (read by the tests) */
+
+/* ---- the own kernel: C[m][n] = alpha * sum_k A[m][k] * B[n][k] (+ beta * C), row-major, B transposed ----
+   Each weight row is read once from memory for all rows of A (up to 12 at a time); two weight rows share the loads
+   of A (which stays in L1). The sums are reduced with a shuffle tree, and the next weight rows are prefetched
+   PREFETCH floats ahead, which took one thread from 5.5 to 9 GB/s out of cache on a 2-core AMD EPYC. */
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+#define LD(p) (*(const v16*)(p))
+
+static inline float hsum(v16 v) {
+  v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+         __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+typedef struct { int m, k, lda, ldb, ldc; float alpha, beta; const float *a, *b; float* c; } job_t;
+
+static inline void put(const job_t* j, int m, int n, float s) {
+  float* c = j->c + (size_t)m * j->ldc + n;
+  *c = j->beta == 0.0f ? j->alpha * s : j->alpha * s + j->beta * *c;
+}
+
+static inline __attribute__((always_inline)) void kern(int M, const job_t* j, int m0, int n0, int n1) {
+  const int K = j->k, K16 = K & ~15;
+  const float* A = j->a + (size_t)m0 * j->lda;
+  int n = n0;
+  for (; n + 1 < n1; n += 2) {
+    v16 s0[12], s1[12];
+    for (int m = 0; m < M; m++) s0[m] = s1[m] = (v16){0};
+    const float* b0 = j->b + (size_t)n * j->ldb;
+    const float* b1 = b0 + j->ldb;
+    for (int k = 0; k < K16; k += 16) {
+      v16 w0 = LD(b0 + k), w1 = LD(b1 + k);
+      __builtin_prefetch(b0 + k + PREFETCH);
+      __builtin_prefetch(b1 + k + PREFETCH);
+      for (int m = 0; m < M; m++) {
+        v16 x = LD(A + (size_t)m * j->lda + k);
+        s0[m] += x * w0;
+        s1[m] += x * w1;
+      }
+    }
+    for (int m = 0; m < M; m++) {
+      float t0 = hsum(s0[m]), t1 = hsum(s1[m]);
+      for (int k = K16; k < K; k++) {
+        t0 += A[(size_t)m * j->lda + k] * b0[k];
+        t1 += A[(size_t)m * j->lda + k] * b1[k];
+      }
+      put(j, m0 + m, n, t0);
+      put(j, m0 + m, n + 1, t1);
+    }
+  }
+  for (; n < n1; n++) {
+    const float* b0 = j->b + (size_t)n * j->ldb;
+    for (int m = 0; m < M; m++) {
+      float t = 0;
+      for (int k = 0; k < K; k++) t += A[(size_t)m * j->lda + k] * b0[k];
+      put(j, m0 + m, n, t);
+    }
+  }
+}
+
+/* Rows of x in equal groups of at most 12 (24 sums in registers: 16 rows as 8 + 8); past 12 rows, each block
+   of NB weight rows is read from memory by the first group and from cache by the others. */
+#define NB 16
+static void part(const job_t* j, int n0, int n1) {
+  const int groups = (j->m + 11) / 12, size = (j->m + groups - 1) / groups;
+  for (int nb = n0; nb < n1; nb += NB) {
+    int ne = nb + NB < n1 ? nb + NB : n1;
+    for (int m0 = 0; m0 < j->m; m0 += size) {
+      switch (j->m - m0 < size ? j->m - m0 : size) {  /* one specialisation per row count */
+#define ROWS(r) case r: kern(r, j, m0, nb, ne); break;
+        ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8) ROWS(9) ROWS(10) ROWS(11) ROWS(12)
+      }
+    }
+  }
+}
+
+/* ---- helper threads: one per extra core; each spins SPIN_US after a job (decoding calls come ~0.1 ms
+   apart), then sleeps on a condition variable. One caller at a time; a second concurrent caller (another
+   MLX stream) runs its call alone on its own thread. ---- */
+#define MAX_THREADS 16
+#define DEFAULT_THREADS 8  /* two streams of memory already come close to a 2-core box's bandwidth; more is untested */
+static job_t job;
+static int bounds[MAX_THREADS + 1];
+static atomic_int generation, pending, sleepers;
+static pthread_mutex_t busy = PTHREAD_MUTEX_INITIALIZER, mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
+static int helpers_started;
+
+static long now_ns(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return t.tv_sec * 1000000000L + t.tv_nsec;
+}
+
+static void* helper(void* arg) {
+  int id = (int)(size_t)arg, seen = 0;
+  for (;;) {
+    long t0 = now_ns();
+    int g, spins = 0;
+    while ((g = atomic_load(&generation)) == seen) {
+      RELAX();
+      if (++spins % 256 == 0 && now_ns() - t0 > spin_ns) {
+        pthread_mutex_lock(&mu);
+        atomic_fetch_add(&sleepers, 1);
+        while ((g = atomic_load(&generation)) == seen) pthread_cond_wait(&cv, &mu);
+        atomic_fetch_sub(&sleepers, 1);
+        pthread_mutex_unlock(&mu);
+        break;
+      }
+    }
+    seen = g;
+    part(&job, bounds[id], bounds[id + 1]);
+    atomic_fetch_sub(&pending, 1);
+  }
+  return NULL;
+}
+
+static void after_fork_in_child(void) {  /* the helpers do not exist in a forked child */
+  helpers_started = 0;
+  nthreads = 1;
+  pthread_mutex_init(&busy, NULL);
+}
+
+static void own_sgemm(const job_t* j, int n) {
+  __atomic_fetch_add(&mlx_distill_skinny_calls, 1, __ATOMIC_RELAXED);
+  int t = nthreads;
+  if (n < 256 * t || t < 2 || pthread_mutex_trylock(&busy) != 0) {
+    part(j, 0, n);
+    return;
+  }
+  if (!helpers_started) {
+    helpers_started = 1;
+    for (int i = 1; i < t; i++) {
+      pthread_t th;
+      pthread_attr_t at;
+      pthread_attr_init(&at);
+      pthread_attr_setstacksize(&at, 1 << 16);
+      if (pthread_create(&th, &at, helper, (void*)(size_t)i) != 0) t = nthreads = i;
+      pthread_attr_destroy(&at);
+    }
+  }
+  job = *j;
+  for (int i = 0; i <= t; i++) bounds[i] = (int)((long)n * i / t) & ~1;
+  bounds[t] = n;
+  atomic_store(&pending, t - 1);
+  atomic_fetch_add(&generation, 1);
+  if (atomic_load(&sleepers) > 0) {
+    pthread_mutex_lock(&mu);
+    pthread_cond_broadcast(&cv);
+    pthread_mutex_unlock(&mu);
+  }
+  part(&job, bounds[0], bounds[1]);
+  while (atomic_load(&pending) > 0) RELAX();
+  pthread_mutex_unlock(&busy);
+}
+
+static void init(void) {
+  /* The big library is already loaded (globally) by the time MLX calls; find its own symbol. */
+  void* big = dlopen(BIG_PATH, RTLD_NOW | RTLD_NOLOAD);
+  if (!big) big = dlopen(BIG_PATH, RTLD_NOW | RTLD_GLOBAL);
+  if (big) big_fn = (sgemm_fn)dlsym(big, "cblas_sgemm");
+  if (SMALL_PATH[0]) {
+    void* small = dlopen(SMALL_PATH, RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND);
+    if (small) {
+      small_fn = (sgemm_fn)dlsym(small, "cblas_sgemm");
+      void (*threads)(long) = (void (*)(long))dlsym(small, "bli_thread_set_num_threads");
+      if (threads && !getenv("BLIS_NUM_THREADS")) threads(sysconf(_SC_NPROCESSORS_ONLN));
+    }
+  }
+  const char* v = getenv("MLX_DISTILL_SKINNY_ROWS");
+  if (v) max_rows = atoi(v);
+  v = getenv("MLX_DISTILL_SKINNY_KERNEL_ROWS");
+  if (v) kernel_rows = atoi(v);
+  v = getenv("MLX_DISTILL_SKINNY_KERNEL");
+  if (v && v[0]) own = !(v[0] == '0' || v[0] == 'f' || v[0] == 'n' || (v[0] == 'o' && v[1] == 'f'));
+  v = getenv("MLX_DISTILL_SKINNY_THREADS");
+  cpu_set_t cpus;  /* the cores this process may run on (a container's cpuset), at most DEFAULT_THREADS */
+  int usable = sched_getaffinity(0, sizeof cpus, &cpus) == 0 ? CPU_COUNT(&cpus) : (int)sysconf(_SC_NPROCESSORS_ONLN);
+  nthreads = v ? atoi(v) : (usable < DEFAULT_THREADS ? usable : DEFAULT_THREADS);
+  if (nthreads < 1) nthreads = 1;
+  if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
+  v = getenv("MLX_DISTILL_SKINNY_SPIN_US");
+  if (v) spin_ns = atol(v) * 1000L;
+  pthread_atfork(NULL, NULL, after_fork_in_child);
+}
+
+/* A few rows by a small, not transposed B (m <= kernel_rows, n a multiple of 16 up to 256): attention's
+   probabilities by the values cache while decoding, one row and head a call (2,160 calls a decode step of the demo
+   model). The row of C stays in registers over k; one thread (a call is ~10 us of work). */
+static void own_nn(const job_t* j, int n) {
+  __atomic_fetch_add(&mlx_distill_skinny_calls, 1, __ATOMIC_RELAXED);
+  for (int m = 0; m < j->m; m++) {
+    const float* a = j->a + (size_t)m * j->lda;
+    float* c = j->c + (size_t)m * j->ldc;
+    v16 acc[16];
+    const int nv = n / 16;
+    for (int i = 0; i < nv; i++) acc[i] = (v16){0};
+    for (int k = 0; k < j->k; k++) {
+      const float* b = j->b + (size_t)k * j->ldb;
+      const float x = a[k];
+      for (int i = 0; i < nv; i++) acc[i] += x * LD(b + 16 * i);
+    }
+    for (int i = 0; i < nv; i++)
+      for (int t = 0; t < 16; t++) {
+        float* out = c + 16 * i + t;
+        *out = j->beta == 0.0f ? j->alpha * acc[i][t] : j->alpha * acc[i][t] + j->beta * *out;
+      }
+  }
+}
+
+/* For the benchmarks' in-process A/B and the tests: turn the own kernel on or off; returns the old setting. */
+int mlx_distill_skinny_set_kernel(int on) {
+  pthread_once(&once, init);
+  int was = own;
+  own = on;
+  return was;
+}
+
+void cblas_sgemm(int order, int ta, int tb, int m, int n, int k, float alpha, const float* a, int lda,
+                 const float* b, int ldb, float beta, float* c, int ldc) {
+  pthread_once(&once, init);
+  /* MLX calls row-major x (m x k) @ w: m is the number of tokens; a Linear's weight comes transposed. */
+  if (own && m <= kernel_rows && m > 0 && order == 101 && ta == 111 && tb == 112 && k > 0) {
+    job_t j = {m, k, lda, ldb, ldc, alpha, beta, a, b, c};
+    own_sgemm(&j, n);
+    return;
+  }
+  if (own && m <= kernel_rows && m > 0 && order == 101 && ta == 111 && tb == 111 && n % 16 == 0 && n > 0 &&
+      n <= 256) {
+    job_t j = {m, k, lda, ldb, ldc, alpha, beta, a, b, c};
+    own_nn(&j, n);
+    return;
+  }
+  sgemm_fn f = (small_fn && m <= max_rows) ? small_fn : big_fn;
+  f(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
