@@ -462,7 +462,7 @@ def main() -> None:
 1-minute load average was {figures['load_avg'][0]} before and {figures['load_avg'][1]} after, on
 {os.cpu_count()} cores.
 
-Skinny matmuls, 8 rows (ms a call, the weight in cache after the first call; BLIS through `_skinny_blas`
+Skinny matmuls, 8 rows (ms a call, the same weight every call: the two small ones stay in cache, the lm_head does not; BLIS through `_skinny_blas`
 with its kernel off, whose BLIS `sgemm_` binds to BLIS itself: {figures['blis_sgemm_binds_to_blis']}):
 
 | x @ weight | OpenBLAS | BLIS (shim) | shim's kernel | BLIS / kernel | MKL |

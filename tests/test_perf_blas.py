@@ -29,8 +29,10 @@ print(b.kind(), s._state.get("path"), "blis" in open("/proc/self/maps").read(), 
 
 
 def run(code: str, **env: str) -> list[str]:
+    """Run ``code`` in a fresh Python with the shim's switches at their defaults unless given in ``env``."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MLX_DISTILL_SKINNY_")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, **env})
+                         env={**base, **env})
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout.split()
 
@@ -78,6 +80,9 @@ def _shim() -> ctypes.CDLL:
     path = _skinny_blas._state.get("path")
     if not path:
         pytest.skip("the shim is not loaded here (no OpenBLAS, no C compiler or MLX_DISTILL_SKINNY_BLAS=0)")
+    if not _skinny_blas.set_kernel(True):
+        _skinny_blas.set_kernel(False)
+        pytest.skip("the kernel is off in this process (MLX_DISTILL_SKINNY_KERNEL=0, or built without -march=native)")
     lib = ctypes.CDLL(path)
     lib.cblas_sgemm.argtypes = [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int,
                                                      ctypes.c_void_p, ctypes.c_int, ctypes.c_float,
