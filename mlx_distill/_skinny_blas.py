@@ -19,11 +19,13 @@ at a time, 16 floats a vector (GCC vector extensions, built with
 ``-march=native``), the next rows prefetched 16 KB ahead (one thread out of
 cache: 5.5 -> 9 GB/s), and the weight's rows split between the caller and
 one helper thread per other core (the helpers spin ``SPIN_US`` after a job,
-then sleep). On the AMD box the decode step's 211 matmuls took 37-41 ms
-against 58-68 ms through BLIS, the step 71-80 against 88-103 ms, and batched
+then sleep). On the AMD box the decode step's 211 matmuls took 36.7-37.4 ms
+against 58.5-68.4 ms through BLIS (the same matmuls for one row, as many
+bytes: 31.9 ms), the step 63.9-80.0 against 81.0-93.1 ms, and batched
 generation ran 1.35-1.43x faster (``scripts/bench_cpu_ops.py``,
-``scripts/bench_generate.py``). At 24 rows and more OpenBLAS's packed kernel
-is as fast (decode step of 24 rows: 156 vs 154 ms), hence 16. Other skinny
+``scripts/bench_generate.py``). At 24 rows OpenBLAS's packed kernel was as
+fast (decode step: 156 vs 154 ms); at 16 the two runs disagree (1.09x and
+0.88x the better of OpenBLAS and BLIS), and 16 was kept. Other skinny
 calls (attention's, LoRA's) go to BLIS when it is installed, since OpenBLAS
 loses to it below ~12 rows; the rest to OpenBLAS. One more shape is taken: a few
 rows by a small ``B`` that is not transposed (``n`` a multiple of 16 up to

@@ -20,8 +20,8 @@ Measurements, each in its own subprocess (the BLAS choice is made when
   tokens, CPU levers on), with and without the two CPU streams, vs the same
   layers' matmuls alone.
 * ``decode``: one decode step of the demo model for 8 rows over a 100-token
-  KV cache vs its 211 matmuls alone (the fp32 bandwidth floor), with the
-  shim's kernel and with BLIS.
+  KV cache vs its 211 matmuls alone, and the same matmuls for one row (the
+  fp32 bandwidth floor), with the shim's kernel and with BLIS.
 * ``generate``: ``generate_batch`` (mlx-lm's BatchGenerator, on a stream of
   its own) for 8 prompts, then a bare greedy loop over the same left-padded
   batch on the default stream, ms a step each; on OpenBLAS and on MKL (MKL's
@@ -181,9 +181,11 @@ def worker_decode(reps: int) -> dict:
     weights = [m.weight for _, m in model.named_modules() if getattr(m, "weight", None) is not None
                and m.weight.ndim == 2]
     xs = {k: mx.random.normal((rows, 1, k)) for k in {w.shape[1] for w in weights}}
-    mx.eval(list(xs.values()))
+    x1 = {k: v[:1] for k, v in xs.items()}  # one row: the same bytes, an eighth of the arithmetic
+    mx.eval(list(xs.values()), list(x1.values()))
     return {"step_ms": _timed_ms(step, reps), "matmuls": len(weights),
             "matmuls_ms": _timed_ms(lambda: [xs[w.shape[1]] @ w.T for w in weights], reps),
+            "matmuls_1row_ms": _timed_ms(lambda: [x1[w.shape[1]] @ w.T for w in weights], reps),
             "weights_mb": round(sum(w.nbytes for w in weights) / 1e6)}
 
 
@@ -495,7 +497,9 @@ the chunks without `mx.depends` on the previous one):
 Decoding, the demo model, 8 rows over a 100-token KV cache: one step {dc['step_ms']:.1f} ms; its
 {dc['matmuls']} matmuls alone {dc['matmuls_ms']:.1f} ms ({dc['weights_mb']} MB of weights read per step,
 {dc['weights_mb'] / dc['matmuls_ms']:.1f} GB/s) on the shim's kernel; on BLIS {dcb['step_ms']:.1f} ms and
-{dcb['matmuls_ms']:.1f} ms ({dcb['weights_mb'] / dcb['matmuls_ms']:.1f} GB/s).
+{dcb['matmuls_ms']:.1f} ms ({dcb['weights_mb'] / dcb['matmuls_ms']:.1f} GB/s). The same matmuls for one row (the same
+bytes, an eighth of the arithmetic: how fast the weights can stream): {dc['matmuls_1row_ms']:.1f} ms
+({dc['weights_mb'] / dc['matmuls_1row_ms']:.1f} GB/s) on the kernel, {dcb['matmuls_1row_ms']:.1f} ms on BLIS.
 
 The same decode step by rows (ms a step, 100-token KV cache): OpenBLAS alone (`MLX_DISTILL_SKINNY_BLAS=0`),
 every skinny matmul to BLIS (`MLX_DISTILL_SKINNY_KERNEL=0 MLX_DISTILL_SKINNY_ROWS=32`), and the default: a

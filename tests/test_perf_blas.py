@@ -141,14 +141,12 @@ def test_the_not_transposed_path_matches_numpy_and_leaves_other_shapes_to_blas()
 
 
 FORKED = """
-import ctypes, os, signal, sys
+import os, signal, sys
 import numpy as np
 import mlx_distill, mlx_distill._skinny_blas as s
 sys.path.insert(0, {tests!r})
-from test_perf_blas import _sgemm
-lib = ctypes.CDLL(s._state["path"])
-lib.cblas_sgemm.argtypes = [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
-                                                 ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+from test_perf_blas import _sgemm, _shim
+lib = _shim()
 rng = np.random.default_rng(2)
 a, w = rng.standard_normal((8, 576)).astype(np.float32), rng.standard_normal((4096, 576)).astype(np.float32)
 c = np.zeros((8, 4096), np.float32)
