@@ -25,6 +25,16 @@ two CPU streams run MKL at one thread each) is where it paid, on that Intel
 box: on a 2-core AMD EPYC box (2026-12-04) MKL trained slower than OpenBLAS
 (192.0 vs 231.1 and 201.1 vs 223.5 tok/s).
 
+OpenBLAS picks its kernels by the CPU's model (``DYNAMIC_ARCH``), and
+0.3.21 does not know recent ones: on a 2-core Intel Xeon box of family 6,
+model 207 (Emerald Rapids, AVX-512; 2026-12-05) it fell back to its
+``Prescott`` (SSE3) kernels, 60-80 GFLOP/s for the training shapes against
+290-370 with ``OPENBLAS_CORETYPE=SkylakeX``. So, unless ``OPENBLAS_CORETYPE``
+is set, the core OpenBLAS detects is asked once per CPU (a child process;
+cached next to the BLAS shim), and when it is one without AVX2 kernels on a
+CPU that has AVX2 (AVX-512), ``OPENBLAS_CORETYPE`` is set to ``Haswell``
+(``SkylakeX``) before OpenBLAS is loaded (:func:`coretype`).
+
 ``MLX_DISTILL_BLAS`` chooses: ``openblas`` (the default), ``mkl``, ``off``
 (MLX's bundled BLAS) or a library path.
 """
@@ -49,6 +59,12 @@ FIX = (
 )
 
 _state: dict[str, object] = {"path": None, "warned": False}
+# OpenBLAS's core names with AVX2 (or AVX-512) sgemm kernels; any other core on an x86 CPU with these flags
+# is a fallback (0.3.21 on an unknown model: Prescott).
+AVX2_CORES = ("haswell", "zen", "skylakex", "cooperlake", "sapphirerapids")
+FORCED = (("SkylakeX", ("avx512f", "avx512dq", "avx512bw", "avx512vl")), ("Haswell", ("avx2", "fma")))
+_PROBE = ("import ctypes, sys\nlib = ctypes.CDLL(sys.argv[1])\nf = lib.openblas_get_corename\n"
+          "f.restype = ctypes.c_char_p\nprint(f().decode())")
 
 
 def mkl_path() -> str | None:
@@ -108,6 +124,7 @@ def preload() -> str | None:
             elif not late and "openblas" in path:  # skinny matmuls (decoding) to BLIS: see _skinny_blas
                 from mlx_distill import _skinny_blas
 
+                coretype(path)
                 _skinny_blas.load(path)
             try:
                 ctypes.CDLL(path, mode=os.RTLD_GLOBAL)
@@ -124,6 +141,52 @@ def preload() -> str | None:
     what = "MKL (MLX_DISTILL_BLAS=mkl)" if os.environ.get("MLX_DISTILL_BLAS", "").strip().lower() == "mkl" else "OpenBLAS"
     _warn(f"{what} was not found, so MLX on this Linux CPU uses its bundled reference BLAS (about 30x slower fp32 matmul). {FIX}.")
     return None
+
+
+def coretype(path: str) -> str | None:
+    """Set ``OPENBLAS_CORETYPE`` when OpenBLAS at ``path`` would fall back to kernels below the CPU's; return it.
+
+    Nothing when the variable is set already, off x86, or when the child
+    process that asks OpenBLAS cannot run. The answer is cached per library
+    and CPU under ``$MLX_DISTILL_HOME/blas``.
+    """
+    import hashlib
+    import platform
+    import subprocess
+
+    from mlx_distill import _skinny_blas
+
+    if "OPENBLAS_CORETYPE" in os.environ or platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    cpu = _skinny_blas._cpu()
+    flags = set(next((x.split(":", 1)[1].split() for x in cpu.split("|") if x.startswith("flags")), []))
+    want = next((name for name, needed in FORCED if flags.issuperset(needed)), None)
+    if want is None:
+        return None
+    try:
+        from mlx_distill.runs import home
+
+        key = hashlib.sha256(f"{os.path.realpath(path)}|{cpu}".encode()).hexdigest()[:16]
+        cached = home() / "blas" / f"coretype-{key}.txt"
+        if cached.is_file():
+            detected = cached.read_text().strip()
+        else:
+            env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+            res = subprocess.run([sys.executable, "-c", _PROBE, path], capture_output=True, text=True, timeout=60,
+                                 env={**env, "OPENBLAS_NUM_THREADS": "1"})
+            detected = res.stdout.strip()
+            if res.returncode != 0 or not detected:
+                return None
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(detected)
+            os.replace(tmp, cached)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if detected.lower() in AVX2_CORES:
+        return None
+    os.environ["OPENBLAS_CORETYPE"] = want
+    return want
 
 
 def _mapped(*needles: str) -> bool:

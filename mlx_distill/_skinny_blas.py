@@ -127,9 +127,30 @@ def load(openblas: str) -> str | None:
     return _state["path"]
 
 
+_libs: dict[str, ctypes.CDLL] = {}
+
+
 def _lib() -> ctypes.CDLL | None:
     path = _state.get("path")
-    return ctypes.CDLL(path) if path else None
+    if not path:
+        return None
+    if path not in _libs:
+        _libs[path] = ctypes.CDLL(path)
+    return _libs[path]
+
+
+def attend_fn() -> ctypes._CFuncPtr | None:
+    """The shim's one-query attention (``mlx_distill_attend``, for :mod:`mlx_distill.fastdecode`), or None.
+
+    None without the shim, or when it was built without ``-march=native``.
+    """
+    lib = _lib()
+    if lib is None or not lib.mlx_distill_skinny_native():
+        return None
+    f = lib.mlx_distill_attend
+    f.restype = ctypes.c_int
+    f.argtypes = [ctypes.c_int] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 8
+    return f
 
 
 def set_kernel(on: bool) -> bool | None:
@@ -141,6 +162,16 @@ def set_kernel(on: bool) -> bool | None:
     """
     lib = _lib()
     return None if lib is None else bool(lib.mlx_distill_skinny_set_kernel(int(on)))
+
+
+def set_spin(us: int) -> int | None:
+    """How long the helper threads spin after a job before they sleep (µs); returns the old value, or None."""
+    lib = _lib()
+    if lib is None:
+        return None
+    lib.mlx_distill_skinny_set_spin.restype = ctypes.c_long
+    lib.mlx_distill_skinny_set_spin.argtypes = [ctypes.c_long]
+    return int(lib.mlx_distill_skinny_set_spin(int(us)))
 
 
 def kernel_calls() -> int | None:

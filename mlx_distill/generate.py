@@ -1,4 +1,6 @@
-"""Batched MLX generation: mlx-lm's continuous-batching ``BatchGenerator``, or prompt-lookup decoding (opt-in).
+"""Batched MLX generation: continuous batching (``fastdecode`` greedy on the CPU, else mlx-lm's ``BatchGenerator``).
+
+Prompt-lookup decoding is opt-in.
 
 Used for the local/offline teacher, and for the base and distilled students on
 the held-out prompts. Greedy by default; ``--lookup-tokens K`` (opt-in) verifies
@@ -127,6 +129,8 @@ def generate_batch(
 ) -> list[Completion]:
     """Generate one answer per prompt, ``batch_size`` sequences at a time; results in input order.
 
+    Greedy on the CPU: :mod:`mlx_distill.fastdecode` (continuous batching,
+    attention in the BLAS shim's kernel) where it runs the model; otherwise
     mlx-lm's ``BatchGenerator`` (continuous batching); with ``lookup_tokens``
     > 0, greedy (``temperature`` 0) and a model :mod:`mlx_distill.lookup`
     supports, prompt-lookup decoding with that many drafts a row per call
@@ -135,11 +139,14 @@ def generate_batch(
     completion)`` is called as each sequence finishes (for progress bars and
     incremental writes).
     """
-    from mlx_distill import lookup
+    from mlx_distill import fastdecode, lookup
 
     if not prompts:
         return []
     with _no_gc():
+        if temperature == 0 and lookup_tokens == 0 and fastdecode.supported(model):
+            return _generate_fast(model, tokenizer, prompts, system=system, max_tokens=max_tokens,
+                                  batch_size=batch_size, on_done=on_done)
         if temperature == 0 and lookup_tokens > 0 and lookup.supported(model):
             return _generate_lookup(model, tokenizer, prompts, system=system, max_tokens=max_tokens,
                                     batch_size=batch_size, k=lookup_tokens, on_done=on_done)
@@ -154,6 +161,27 @@ def _completion(tokenizer: Any, tokens: list[int], prompt_tokens: int, reason: s
     return Completion(text=tokenizer.decode(tokens), prompt_tokens=prompt_tokens, completion_tokens=len(tokens),
                       stop_reason=reason, elapsed_s=round(elapsed, 3),
                       tok_per_s=round(len(tokens) / elapsed, 2) if elapsed > 0 else 0.0)
+
+
+def _generate_fast(
+    model: Any, tokenizer: Any, prompts: Sequence[str], *, system: str | None, max_tokens: int,
+    batch_size: int, on_done: Callable[[int, Completion], None] | None,
+) -> list[Completion]:
+    """``fastdecode.decode`` over all prompts (a freed slot takes the next prompt)."""
+    from mlx_distill import fastdecode
+
+    encoded = [chat_tokens(tokenizer, p, system) for p in prompts]
+    results: list[Completion | None] = [None] * len(encoded)
+    t0 = time.perf_counter()
+
+    def finished(i: int, tokens: list[int], reason: str) -> None:
+        results[i] = _completion(tokenizer, tokens, len(encoded[i]), reason, t0)
+        if on_done is not None:
+            on_done(i, results[i])
+
+    fastdecode.decode(model, encoded, max_tokens=max_tokens, stop=set(tokenizer.eos_token_ids),
+                      batch_size=batch_size, on_done=finished)
+    return [r for r in results if r is not None]
 
 
 def _generate_lookup(

@@ -8,7 +8,9 @@ is the waste continuous batching avoids. Target: MLX batched >= 1.5x
 transformers batched. ``mlx-lookup`` is ``generate_batch`` with opt-in
 prompt-lookup decoding (``--lookup-tokens``, ``mlx_distill.lookup``; ``--lookup``
 drafts a row per call): the same greedy answers from fewer model calls.
-``mlx-blis`` is ``generate_batch`` with the skinny matmuls on BLIS instead of
+``mlx-batchgen`` is ``generate_batch`` on mlx-lm's ``BatchGenerator`` instead
+of :mod:`mlx_distill.fastdecode` (``MLX_DISTILL_FAST_DECODE=0``, switched in
+this process). ``mlx-blis`` is ``generate_batch`` with the skinny matmuls on BLIS instead of
 ``_skinny_blas``'s own kernel (switched in this process, so both share the
 same warm caches).
 
@@ -77,18 +79,26 @@ def _figures(useful: int, wall: float, cpu: float, **extra: Any) -> dict[str, An
 
 
 def mlx_batched(
-    model: Any, tokenizer: Any, prompts: list[str], max_tokens: int, lookup: int = 0, kernel: bool = True
+    model: Any, tokenizer: Any, prompts: list[str], max_tokens: int, lookup: int = 0, kernel: bool = True,
+    fast: bool = True,
 ) -> dict[str, Any]:
-    from mlx_distill import _skinny_blas
+    from mlx_distill import _skinny_blas, fastdecode
     from mlx_distill.generate import generate_batch
 
     _skinny_blas.set_kernel(kernel)
-
-    out, wall, cpu = _timed(
-        lambda: generate_batch(
-            model, tokenizer, prompts, max_tokens=max_tokens, batch_size=len(prompts), lookup_tokens=lookup
+    saved = os.environ.pop(fastdecode.ENV, None)
+    if not fast:
+        os.environ[fastdecode.ENV] = "0"  # mlx-lm's BatchGenerator, as before fastdecode
+    try:
+        out, wall, cpu = _timed(
+            lambda: generate_batch(
+                model, tokenizer, prompts, max_tokens=max_tokens, batch_size=len(prompts), lookup_tokens=lookup
+            )
         )
-    )
+    finally:
+        os.environ.pop(fastdecode.ENV, None)
+        if saved is not None:
+            os.environ[fastdecode.ENV] = saved
     useful = sum(c.completion_tokens for c in out)  # generate_batch leaves the eos token out
     return _figures(useful, wall, cpu, texts=[c.text for c in out])
 
@@ -202,13 +212,15 @@ def main() -> None:
     blis = _skinny_blas.set_kernel(True) is not None and _skinny_blas.blis_path() is not None
     if blis:
         mlx_batched(model, tokenizer, prompts[:2], 4, kernel=False)
-    ways = ["mlx", *(["mlx-lookup"] if args.lookup else []), *(["mlx-blis"] if blis else []), *hf_ways]
+    mlx_batched(model, tokenizer, prompts[:2], 4, fast=False)
+    ways = ["mlx", "mlx-batchgen", *(["mlx-lookup"] if args.lookup else []), *(["mlx-blis"] if blis else []),
+            *hf_ways]
     rounds: dict[str, list[dict[str, Any]]] = {w: [] for w in ways}
     for r in range(args.rounds):
         for way in ways if r % 2 == 0 else ways[::-1]:
             if way.startswith("mlx"):
                 res = mlx_batched(model, tokenizer, prompts, args.max_tokens, args.lookup if way == "mlx-lookup" else 0,
-                                  kernel=way != "mlx-blis")
+                                  kernel=way != "mlx-blis", fast=way != "mlx-batchgen")
             else:
                 res = hf.run(args.max_tokens, int(way[2:]))
             rounds[way].append(res)
@@ -225,6 +237,8 @@ def main() -> None:
     same = sum(a.strip() == b.strip() for a, b in zip(mb["texts"], hb["texts"]))
     lb = best.get("mlx-lookup")
     bb = best.get("mlx-blis")
+    gb = best["mlx-batchgen"]
+    same_batchgen = sum(a == b for a, b in zip(mb["texts"], gb["texts"]))
     same_blis = sum(a == b for a, b in zip(mb["texts"], bb["texts"])) if bb else None
     same_lookup = sum(a == b for a, b in zip(mb["texts"], lb["texts"])) if lb else None
     ratio, ratio_cpu = mb["tok_per_s"] / hb["tok_per_s"], mb["tok_per_cpu_s"] / hb["tok_per_cpu_s"]
@@ -255,6 +269,9 @@ def main() -> None:
         "mlx_lookup_tok_s": lb["tok_per_s"] if lb else None,
         "lookup_vs_mlx": round(lb["tok_per_s"] / mb["tok_per_s"], 2) if lb else None,
         "identical_lookup_vs_mlx": f"{same_lookup}/{len(prompts)}" if lb else None,
+        "mlx_batchgen_tok_s": gb["tok_per_s"],
+        "fastdecode_vs_batchgen": round(mb["tok_per_s"] / gb["tok_per_s"], 2),
+        "identical_batchgen_vs_mlx": f"{same_batchgen}/{len(prompts)}",
         "mlx_blis_tok_s": bb["tok_per_s"] if bb else None,
         "kernel_vs_blis": round(mb["tok_per_s"] / bb["tok_per_s"], 2) if bb else None,
         "identical_blis_vs_mlx": f"{same_blis}/{len(prompts)}" if bb else None,
@@ -264,7 +281,8 @@ def main() -> None:
     per_round = "; ".join(
         f"{w}: " + ", ".join(f"{x['tok_per_s']:.1f}" for x in rs) for w, rs in rounds.items()
     )
-    rows = [("MLX batched (`generate_batch`, continuous batching)", mb)]
+    rows = [("MLX batched (`generate_batch`: `fastdecode`, continuous batching)", mb),
+            ("MLX batched, mlx-lm's `BatchGenerator` (`MLX_DISTILL_FAST_DECODE=0`)", gb)]
     if bb:
         rows += [("MLX batched, skinny matmuls on BLIS (`MLX_DISTILL_SKINNY_KERNEL=0`)", bb)]
     if lb:
@@ -300,6 +318,10 @@ per second (target 1.5x: {"met" if ratio >= 1.5 else "**not met**"}), {ratio_cpu
 oversubscription (a decode-sized 8x576x1536 matmul took {mm[1]:.2f} ms on 1 thread and {mm[2]:.2f} ms on 2 at the
 end of this run), which is why 1 thread is measured too. The one-at-a-time run is not interleaved and is the noisiest figure.
 """
+    body += (f"\n`fastdecode` (greedy on the CPU: attention in the shim's C kernel over a slot cache, no per-step "
+             f"log-softmax) instead of mlx-lm's `BatchGenerator`: {mb['tok_per_s']:.1f} vs {gb['tok_per_s']:.1f} useful "
+             f"tok/s, **{mb['tok_per_s'] / gb['tok_per_s']:.2f}x** ({gb['tok_per_s'] / hb['tok_per_s']:.2f}x transformers "
+             f"on `BatchGenerator`); the same greedy answers: {same_batchgen}/{len(prompts)}.\n")
     if lb:
         body += (f"\nPrompt lookup ({args.lookup} draft{'s' if args.lookup > 1 else ''} a row per call) ran at "
                  f"{lb['tok_per_s']:.1f} useful tok/s, **{lb['tok_per_s'] / mb['tok_per_s']:.2f}x** MLX batched without it "

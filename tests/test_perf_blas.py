@@ -229,3 +229,58 @@ def test_without_native_flags_the_kernel_is_built_but_off(tmp_path: Path) -> Non
     assert (kind, calls) == ("openblas", "0") and shim.startswith(str(tmp_path / "home"))
     _, _, _, calls = run(CHECK, MLX_DISTILL_SKINNY_KERNEL="1", **env)  # on request it still runs, and is right
     assert int(calls) > 0
+
+
+def _fake_openblas(tmp_path: Path, core: str) -> str:
+    """A library with only ``openblas_get_corename``, answering ``core`` (what coretype() asks a child process)."""
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    src, lib = tmp_path / f"{core}.c", tmp_path / f"lib{core}.so"
+    src.write_text(f'char* openblas_get_corename(void) {{ return "{core}"; }}\n')
+    subprocess.run([cc, "-shared", "-fPIC", str(src), "-o", str(lib)], check=True, timeout=60)
+    return str(lib)
+
+
+AVX512 = "flags\t: fpu sse2 avx fma avx2 avx512f avx512dq avx512bw avx512vl"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.uname().machine != "x86_64", reason="x86-64 Linux")
+def test_an_openblas_fallback_core_is_replaced_by_the_cpus_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpenBLAS 0.3.21 ran its Prescott (SSE3) kernels on an AVX-512 Xeon it did not know: 60-80 vs 290-370 GFLOP/s."""
+    monkeypatch.delenv("OPENBLAS_CORETYPE", raising=False)
+    monkeypatch.setenv("MLX_DISTILL_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(_skinny_blas, "_cpu", lambda: f"model name\t: Some Xeon|{AVX512}")
+    prescott = _fake_openblas(tmp_path, "Prescott")
+    assert _blas.coretype(prescott) == "SkylakeX" and os.environ["OPENBLAS_CORETYPE"] == "SkylakeX"
+    cached = list((tmp_path / "home" / "blas").glob("coretype-*.txt"))
+    assert [p.read_text() for p in cached] == ["Prescott"]  # asked once per library and CPU
+    assert _blas.coretype(prescott) is None  # already set (by us or by the user): left alone
+    monkeypatch.delenv("OPENBLAS_CORETYPE")
+    assert _blas.coretype(prescott) == "SkylakeX"  # from the cache this time
+    monkeypatch.delenv("OPENBLAS_CORETYPE")
+    assert _blas.coretype(_fake_openblas(tmp_path, "Haswell")) is None  # a core with AVX2 kernels: kept
+    assert "OPENBLAS_CORETYPE" not in os.environ
+    monkeypatch.setattr(_skinny_blas, "_cpu", lambda: "flags\t: fpu sse2 avx fma avx2")
+    assert _blas.coretype(_fake_openblas(tmp_path, "Nehalem")) == "Haswell"  # AVX2 without AVX-512
+    monkeypatch.delenv("OPENBLAS_CORETYPE")
+    monkeypatch.setattr(_skinny_blas, "_cpu", lambda: "flags\t: fpu sse2 sse4_2")
+    assert _blas.coretype(_fake_openblas(tmp_path, "Core2")) is None  # nothing better to ask for
+    assert _blas.coretype(str(tmp_path / "missing.so")) is None  # a child that fails: nothing set
+    assert "OPENBLAS_CORETYPE" not in os.environ
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.uname().machine != "x86_64", reason="x86-64 Linux")
+def test_mlx_runs_on_openblas_kernels_with_the_cpus_vector_width(tmp_path: Path) -> None:
+    flags = Path("/proc/cpuinfo").read_text().split()
+    if "avx2" not in flags or _blas.kind() != "openblas":
+        pytest.skip("no AVX2, or OpenBLAS is not the BLAS here")
+    code = ("import ctypes, os, mlx_distill, mlx_distill._blas as b\n"
+            "f = ctypes.CDLL(b._state['path']).openblas_get_corename\nf.restype = ctypes.c_char_p\n"
+            "print(f().decode(), os.environ.get('OPENBLAS_CORETYPE', '-'))")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**env, "MLX_DISTILL_HOME": str(tmp_path / "home")})
+    assert out.returncode == 0, out.stderr[-2000:]
+    core, forced = out.stdout.split()
+    assert core.lower() in _blas.AVX2_CORES, (core, forced)

@@ -4,6 +4,7 @@
    DEFAULT_ROWS, KERNEL_ROWS, SPIN_US, PREFETCH and KERNEL_ON. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <math.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
@@ -114,6 +115,7 @@ static void part(const job_t* j, int n0, int n1) {
 #define MAX_THREADS 16
 #define DEFAULT_THREADS 8  /* two streams of memory already come close to a 2-core box's bandwidth; more is untested */
 static job_t job;
+static void (*work)(int, int);  /* the current call's share of rows (sgemm) or of (sequence, head) pairs (attention) */
 static int bounds[MAX_THREADS + 1];
 static atomic_int generation, pending, sleepers;
 static pthread_mutex_t busy = PTHREAD_MUTEX_INITIALIZER, mu = PTHREAD_MUTEX_INITIALIZER;
@@ -143,7 +145,7 @@ static void* helper(void* arg) {
       }
     }
     seen = g;
-    part(&job, bounds[id], bounds[id + 1]);
+    work(bounds[id], bounds[id + 1]);
     atomic_fetch_sub(&pending, 1);
   }
   return NULL;
@@ -155,26 +157,31 @@ static void after_fork_in_child(void) {  /* the helpers do not exist in a forked
   pthread_mutex_init(&busy, NULL);
 }
 
-static void own_sgemm(const job_t* j, int n) {
-  __atomic_fetch_add(&mlx_distill_skinny_calls, 1, __ATOMIC_RELAXED);
-  int t = nthreads;
-  if (n < 256 * t || t < 2 || pthread_mutex_trylock(&busy) != 0) {
-    part(j, 0, n);
-    return;
-  }
+static void sgemm_work(int n0, int n1) { part(&job, n0, n1); }
+
+/* The helpers for one call: false when they cannot be had (one core, or another caller holds them; that
+   caller then runs its call alone). The holder sets the job, then calls run_parallel, which releases them. */
+static int claim(void) {
+  if (nthreads < 2 || pthread_mutex_trylock(&busy) != 0) return 0;
   if (!helpers_started) {
     helpers_started = 1;
-    for (int i = 1; i < t; i++) {
+    for (int i = 1; i < nthreads; i++) {
       pthread_t th;
       pthread_attr_t at;
       pthread_attr_init(&at);
       pthread_attr_setstacksize(&at, 1 << 16);
-      if (pthread_create(&th, &at, helper, (void*)(size_t)i) != 0) t = nthreads = i;
+      if (pthread_create(&th, &at, helper, (void*)(size_t)i) != 0) nthreads = i;
       pthread_attr_destroy(&at);
     }
   }
-  job = *j;
-  for (int i = 0; i <= t; i++) bounds[i] = (int)((long)n * i / t) & ~1;
+  return 1;
+}
+
+/* fn over [0, n) split between the caller and the helpers (pair: even bounds). */
+static void run_parallel(void (*fn)(int, int), int n, int pair) {
+  const int t = nthreads;
+  work = fn;
+  for (int i = 0; i <= t; i++) bounds[i] = pair ? (int)((long)n * i / t) & ~1 : (int)((long)n * i / t);
   bounds[t] = n;
   atomic_store(&pending, t - 1);
   atomic_fetch_add(&generation, 1);
@@ -183,9 +190,19 @@ static void own_sgemm(const job_t* j, int n) {
     pthread_cond_broadcast(&cv);
     pthread_mutex_unlock(&mu);
   }
-  part(&job, bounds[0], bounds[1]);
+  fn(bounds[0], bounds[1]);
   while (atomic_load(&pending) > 0) RELAX();
   pthread_mutex_unlock(&busy);
+}
+
+static void own_sgemm(const job_t* j, int n) {
+  __atomic_fetch_add(&mlx_distill_skinny_calls, 1, __ATOMIC_RELAXED);
+  if (n >= 256 * nthreads && claim()) {
+    job = *j;
+    run_parallel(sgemm_work, n, 1);
+    return;
+  }
+  part(j, 0, n);
 }
 
 static void init(void) {
@@ -240,6 +257,134 @@ static void own_nn(const job_t* j, int n) {
         *out = j->beta == 0.0f ? j->alpha * acc[i][t] : j->alpha * acc[i][t] + j->beta * *out;
       }
   }
+}
+
+/* ---- one-query attention for decoding (mlx_distill/fastdecode.py) ----
+   Each sequence's keys and values live in a slot of a per-layer cache, kc and vc: (slots, hkv, cap, d). A call
+   appends each sequence's new key and value at position lens[i] of its slot, then attends its query heads over
+   positions 0..lens[i]: softmax(q k^T * scale) v, in fp32 as MLX's own. The G = hq / hkv query heads of a key
+   head share each key and value read. Work is split by (sequence, key head) between the caller and the helpers. */
+typedef int vi16 __attribute__((vector_size(64), aligned(4)));
+#define MAX_GROUP 16
+#define MAX_DV 16  /* d up to 256 */
+#ifndef ATT_AHEAD
+#define ATT_AHEAD 1024
+#endif
+
+/* e^x for x <= 0 (softmax after the maximum is subtracted), 16 at a time: x = n ln2 + f with n the nearest
+   integer and |f| <= ln2 / 2 (Cody-Waite: ln2 in two parts), e^f by its degree-7 Taylor polynomial, 2^n put into
+   the exponent bits. Relative error ~1e-7; below -87 it returns e^-87 (~1.6e-38, nothing next to the max's 1). */
+static inline v16 vexp(v16 x) {
+  const v16 lo = (v16){0} - 87.0f;
+  vi16 under = x < lo;
+  x = (v16)(((vi16)x & ~under) | ((vi16)lo & under));
+  const v16 magic = (v16){0} + 12582912.0f;  /* 1.5 * 2^23: adding it rounds to the nearest integer */
+  v16 r = (x * 1.44269504088896341f + magic) - magic;
+  v16 f = x - r * 0.693145751953125f - r * 1.428606765330187e-06f;
+  v16 p = 1.0f + f * (1.0f + f * (0.5f + f * (1.0f / 6 + f * (1.0f / 24 + f * (1.0f / 120 + f * (1.0f / 720 +
+          f * (1.0f / 5040)))))));
+  vi16 n = __builtin_convertvector(r, vi16);
+  return p * (v16)((n + 127) << 23);
+}
+
+typedef struct {
+  int hq, hkv, d, cap;
+  float scale;
+  const float *q, *knew, *vnew;
+  float *kc, *vc, *out;
+  const int *slots, *lens;
+} attn_t;
+static attn_t attn;  /* the parallel call's arguments (set by the holder of the helpers) */
+
+static void attend_one(const attn_t* a, int task) {
+  const int i = task / a->hkv, h = task % a->hkv, G = a->hq / a->hkv, d = a->d, dv = d / 16;
+  const size_t base = ((size_t)a->slots[i] * a->hkv + h) * a->cap * d;
+  float *K = a->kc + base, *V = a->vc + base;
+  const int n = a->lens[i] + 1;
+  for (int c = 0; c < d; c++) {
+    K[(size_t)(n - 1) * d + c] = a->knew[((size_t)i * a->hkv + h) * d + c];
+    V[(size_t)(n - 1) * d + c] = a->vnew[((size_t)i * a->hkv + h) * d + c];
+  }
+  const float* q = a->q + ((size_t)i * a->hq + (size_t)h * G) * d;
+  const int padded = (n + 15) & ~15;
+  float* sc = malloc(sizeof(float) * (size_t)G * padded);
+  if (!sc) abort();
+  for (int t = 0; t < n; t++) {  /* scores: each key row read once for the G heads */
+    const float* k = K + (size_t)t * d;
+    for (int c = 0; c < d; c += 16) __builtin_prefetch(k + ATT_AHEAD + c);
+    for (int g = 0; g < G; g++) {
+      v16 acc = (v16){0};
+      for (int c = 0; c < dv; c++) acc += LD(q + (size_t)g * d + 16 * c) * LD(k + 16 * c);
+      sc[(size_t)g * padded + t] = hsum(acc) * a->scale;
+    }
+  }
+  float sum[MAX_GROUP];
+  for (int g = 0; g < G; g++) {
+    float* s = sc + (size_t)g * padded;
+    float m = s[0];
+    for (int t = 1; t < n; t++) m = s[t] > m ? s[t] : m;
+    for (int t = n; t < padded; t++) s[t] = -INFINITY;  /* exp gives 0 past the end */
+    v16 acc = (v16){0};
+    for (int t = 0; t < padded; t += 16) {
+      v16 e = vexp(LD(s + t) - m);
+      for (int u = 0; u < 16; u++) s[t + u] = t + u < n ? e[u] : 0.0f;
+      acc += LD(s + t);
+    }
+    sum[g] = hsum(acc);
+  }
+  v16 o[MAX_GROUP][MAX_DV];
+  for (int g = 0; g < G; g++)
+    for (int c = 0; c < dv; c++) o[g][c] = (v16){0};
+  for (int t = 0; t < n; t++) {  /* probabilities by values: each value row read once for the G heads */
+    const float* v = V + (size_t)t * d;
+    for (int c = 0; c < d; c += 16) __builtin_prefetch(v + ATT_AHEAD + c);
+    for (int g = 0; g < G; g++) {
+      const float p = sc[(size_t)g * padded + t];
+      for (int c = 0; c < dv; c++) o[g][c] += p * LD(v + 16 * c);
+    }
+  }
+  for (int g = 0; g < G; g++) {
+    float* out = a->out + ((size_t)i * a->hq + (size_t)h * G + g) * d;
+    const float inv = 1.0f / sum[g];
+    for (int c = 0; c < dv; c++)
+      for (int u = 0; u < 16; u++) out[16 * c + u] = o[g][c][u] * inv;
+  }
+  free(sc);
+}
+
+static void attend_work(int t0, int t1) {
+  for (int t = t0; t < t1; t++) attend_one(&attn, t);
+}
+
+/* q: (b, hq, d); knew, vnew: (b, hkv, d); out: (b, hq, d); all C-contiguous fp32. Returns 0, or -1 when the
+   shapes are out of this kernel's range (d a multiple of 16 up to 256, hq / hkv whole and up to 16). */
+int mlx_distill_attend(int b, int hq, int hkv, int d, int cap, float scale, const float* q, const float* knew,
+                       const float* vnew, float* kc, float* vc, const int* slots, const int* lens, float* out) {
+  pthread_once(&once, init);
+  if (b < 1 || hkv < 1 || hq % hkv || hq / hkv > MAX_GROUP || d % 16 || d / 16 > MAX_DV) return -1;
+  for (int i = 0; i < b; i++)
+    if (lens[i] < 0 || lens[i] >= cap) return -1;
+  const attn_t a = {hq, hkv, d, cap, scale, q, knew, vnew, kc, vc, out, slots, lens};
+  if (b * hkv > 1 && claim()) {
+    attn = a;
+    run_parallel(attend_work, b * hkv, 0);
+  } else {  /* one core, or another caller holds the helpers: alone */
+    for (int t = 0; t < b * hkv; t++) attend_one(&a, t);
+  }
+  return 0;
+}
+
+/* Whether this build is for this CPU (-march=native); fastdecode uses the attention kernel only then. */
+int mlx_distill_skinny_native(void) { return KERNEL_ON; }
+
+/* How long a helper spins after a job before it sleeps, in microseconds; returns the old setting. fastdecode
+   raises it while decoding: its calls come further apart (a Python step between layers), and waking a sleeping
+   helper cost ~100 us a call on a 2-core VM. */
+long mlx_distill_skinny_set_spin(long us) {
+  pthread_once(&once, init);
+  long was = spin_ns / 1000L;
+  spin_ns = us * 1000L;
+  return was;
 }
 
 /* For the benchmarks' in-process A/B and the tests: turn the own kernel on or off; returns the old setting. */

@@ -1,0 +1,170 @@
+"""fastdecode: the C kernel's one-query attention against numpy, and its answers against plain greedy decoding."""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx  # conftest imported mlx_distill first (OpenBLAS)
+import numpy as np
+import pytest
+
+from mlx_distill import _skinny_blas, fastdecode, generate, models
+from tests.helpers import TINY_ARGS
+
+needs_kernel = pytest.mark.skipif(_skinny_blas.attend_fn() is None,
+                                  reason="no BLAS shim built for this CPU (no compiler, or not Linux/OpenBLAS)")
+
+
+def _attend(q: np.ndarray, kn: np.ndarray, vn: np.ndarray, kc: np.ndarray, vc: np.ndarray, slots: list[int],
+            lens: list[int], scale: float) -> tuple[int, np.ndarray]:
+    b, hq, d = q.shape
+    out = np.full((b, hq, d), np.nan, dtype=np.float32)
+    s, n = np.array(slots, dtype=np.int32), np.array(lens, dtype=np.int32)
+    ptr = ctypes.c_void_p
+    rc = _skinny_blas.attend_fn()(b, hq, kn.shape[1], d, kc.shape[2], scale, *(ptr(a.ctypes.data) for a in (
+        q, kn, vn, kc, vc, s, n, out)))
+    return rc, out
+
+
+@needs_kernel
+@pytest.mark.parametrize(("hq", "hkv", "d"), [(9, 3, 64), (4, 4, 16), (12, 2, 128), (6, 1, 256)])
+def test_the_kernel_appends_the_new_key_and_attends_like_numpy(hq: int, hkv: int, d: int) -> None:
+    rng = np.random.default_rng(hq * d)
+    slots_n, cap = 5, 70
+    kc = rng.standard_normal((slots_n, hkv, cap, d)).astype(np.float32)
+    vc = rng.standard_normal((slots_n, hkv, cap, d)).astype(np.float32)
+    slots, lens = [3, 0, 4], [0, 17, 69]  # an empty slot, a tail of 2 past 16, the last position
+    q = (rng.standard_normal((3, hq, d)) * 3).astype(np.float32)  # sharp softmax: exp over a wide range
+    kn = rng.standard_normal((3, hkv, d)).astype(np.float32)
+    vn = rng.standard_normal((3, hkv, d)).astype(np.float32)
+    k_before, v_before = kc.copy(), vc.copy()
+    scale = d ** -0.5
+    rc, out = _attend(q, kn, vn, kc, vc, slots, lens, scale)
+    assert rc == 0
+    g = hq // hkv
+    for i, (s, n) in enumerate(zip(slots, lens)):
+        np.testing.assert_array_equal(kc[s, :, n], kn[i])
+        np.testing.assert_array_equal(vc[s, :, n], vn[i])
+        for h in range(hq):
+            keys, values = kc[s, h // g, :n + 1].astype(np.float64), vc[s, h // g, :n + 1].astype(np.float64)
+            logits = keys @ q[i, h].astype(np.float64) * scale
+            p = np.exp(logits - logits.max())
+            want = (p / p.sum()) @ values
+            np.testing.assert_allclose(out[i, h], want, rtol=2e-5, atol=2e-6)
+    written = np.zeros(kc.shape, dtype=bool)
+    for s, n in zip(slots, lens):
+        written[s, :, n] = True
+    np.testing.assert_array_equal(kc[~written], k_before[~written])  # nothing else in the caches changed
+    np.testing.assert_array_equal(vc[~written], v_before[~written])
+
+
+@needs_kernel
+def test_the_kernel_refuses_shapes_it_does_not_take() -> None:
+    z = np.zeros((2, 4, 1, 32), dtype=np.float32)
+    q, kv = np.zeros((1, 4, 32), dtype=np.float32), np.zeros((1, 2, 32), dtype=np.float32)
+    assert _attend(q, kv, kv, z[:, :2], z[:, :2], [0], [1], 1.0)[0] == -1  # position 1 is past a capacity of 1
+    q3 = np.zeros((1, 3, 32), dtype=np.float32)
+    assert _attend(q3, kv, kv, z[:, :2], z[:, :2], [0], [0], 1.0)[0] == -1  # 3 query heads over 2 key heads
+    q24, kv24 = np.zeros((1, 4, 24), dtype=np.float32), np.zeros((1, 2, 24), dtype=np.float32)
+    z24 = np.zeros((2, 2, 1, 24), dtype=np.float32)
+    assert _attend(q24, kv24, kv24, z24, z24, [0], [0], 1.0)[0] == -1  # head dim not a multiple of 16
+
+
+def _model(**overrides: Any) -> Any:
+    from mlx_lm.models import llama
+
+    mx.random.seed(0)
+    model = llama.Model(llama.ModelArgs.from_dict({**TINY_ARGS, "vocab_size": 64, **overrides}))
+    for layer in model.layers:  # sharp attention, so that a wrong position or a stale slot changes tokens
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+            proj.weight = proj.weight * 8
+    mx.eval(model.parameters())
+    return model
+
+
+def _greedy(model: Any, prompt: list[int], n: int, stop: set[int]) -> tuple[list[int], str]:
+    """The reference: no cache, the whole sequence through the model for every token."""
+    seq, out = list(prompt), []
+    for _ in range(n):
+        t = int(mx.argmax(model(mx.array([seq]))[0, -1]).item())
+        if t in stop:
+            return out, "eos"
+        out.append(t)
+        seq.append(t)
+    return out, "length"
+
+
+@needs_kernel
+@pytest.mark.parametrize(("shared", "batch_size"), [(0, 2), (40, 2), (40, 8)])
+def test_the_answers_are_the_greedy_answers_with_slots_reused(shared: int, batch_size: int) -> None:
+    model = _model()
+    assert fastdecode.supported(model)
+    rng = np.random.default_rng(1)
+    head = rng.integers(1, 64, shared).tolist()
+    prompts = [head + rng.integers(1, 64, int(rng.integers(3, 20))).tolist() for _ in range(5)]
+    plain = [_greedy(model, p, 30, set()) for p in prompts]
+    ends = next(t for t in plain[1][0][4:] if t not in plain[4][0] + plain[0][0][:1])
+    stop = {plain[0][0][0], ends}  # rows stop early, the first on its first token; the last runs to the limit
+    want = [_greedy(model, p, 30, stop) for p in prompts]
+    assert {r for _, r in want} == {"eos", "length"} and want[0] == ([], "eos")
+    finished: list[int] = []
+    got = fastdecode.decode(model, prompts, max_tokens=30, stop=stop, batch_size=batch_size,
+                            on_done=lambda i, toks, reason: finished.append(i))
+    assert got == want
+    assert sorted(finished) == list(range(len(prompts)))
+    # with 2 slots, later prompts went into slots that earlier ones had used (and left keys behind in)
+    assert fastdecode.decode(model, prompts, max_tokens=1, stop=set(), batch_size=batch_size) == [
+        (w[:1] if w else [plain[i][0][0]], "length") for i, (w, _) in enumerate(want)]
+
+
+@needs_kernel
+def test_the_logits_match_mlx_lms_cache_step_by_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through mlx-lm's own KV cache and attention, the same model gives the same logits at every step."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model = _model(num_attention_heads=8, num_key_value_heads=2)
+    prompt = [3, 9, 27, 17, 51, 25, 11]
+    cache = make_prompt_cache(model)
+    refs = [model(mx.array([prompt]), cache=cache)[0, -1]]
+    tokens = [int(mx.argmax(refs[-1]).item())]
+    for _ in range(12):
+        refs.append(model(mx.array([[tokens[-1]]]), cache=cache)[0, -1])
+        tokens.append(int(mx.argmax(refs[-1]).item()))
+    seen: list[Any] = []
+    real = type(model).__call__
+
+    def spy(self: Any, inputs: Any, cache: Any = None, **kw: Any) -> Any:
+        out = real(self, inputs, cache=cache, **kw)
+        seen.append(out[0, -1])
+        return out
+
+    monkeypatch.setattr(type(model), "__call__", spy)
+    got, _ = fastdecode.decode(model, [prompt], max_tokens=13, stop=set())[0]
+    assert got == tokens
+    assert len(seen) == len(refs) - 1  # one call a token after the prefill (which computes its last logits only)
+    for a, b in zip(seen, refs[1:]):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_generate_batch_takes_fastdecode_for_greedy_only(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, tok, _ = models.load(str(tiny_model_dir))
+    prompts = ["hello there", "a b a b a b", "write code", "one more prompt than slots"]
+    calls: list[int] = []
+    real = fastdecode.decode
+    monkeypatch.setattr(fastdecode, "decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    done: list[int] = []
+    fast = generate.generate_batch(model, tok, prompts, max_tokens=24, batch_size=3,
+                                   on_done=lambda i, c: done.append(i))
+    assert calls == [1] and sorted(done) == [0, 1, 2, 3]
+    monkeypatch.setenv(fastdecode.ENV, "0")
+    assert not fastdecode.supported(model)
+    plain = generate.generate_batch(model, tok, prompts, max_tokens=24, batch_size=3)  # mlx-lm's BatchGenerator
+    assert calls == [1]
+    assert [(c.text, c.completion_tokens, c.stop_reason) for c in fast] == [
+        (c.text, c.completion_tokens, c.stop_reason) for c in plain]
+    monkeypatch.delenv(fastdecode.ENV)
+    generate.generate_batch(model, tok, prompts[:1], max_tokens=4, temperature=0.7)
+    assert calls == [1]  # sampling keeps BatchGenerator
