@@ -34,6 +34,9 @@ a call (2,160 calls a decode step): 30 layers' one-query attention of 8 rows
 over a 150-token cache took 10.8-12.3 ms against 14.2-15.1 with those calls
 on BLIS, and the decode step 75.5-82.1 against 78.4-90.5 ms.
 
+The same library holds the one-query attention of :mod:`mlx_distill.fastdecode`
+(``mlx_distill_attend``, :func:`attend_fn`), on the same helper threads.
+
 How: MLX calls ``cblas_sgemm`` from whichever library defined it first in the
 process. The shim (``assets/skinny_blas.c``) defines only ``cblas_sgemm``; it is compiled once (``gcc``,
 cached under ``$MLX_DISTILL_HOME/blas`` and keyed by the CPU) and loaded with
@@ -149,7 +152,7 @@ def attend_fn() -> ctypes._CFuncPtr | None:
         return None
     f = lib.mlx_distill_attend
     f.restype = ctypes.c_int
-    f.argtypes = [ctypes.c_int] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 8
+    f.argtypes = [ctypes.c_int] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 10
     return f
 
 

@@ -31,7 +31,6 @@ whose attention takes ``cache.offset`` and ``cache.make_mask`` (as
 
 from __future__ import annotations
 
-import ctypes
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -63,11 +62,15 @@ class _Rows:
     def __init__(self, slots: int, capacity: int):
         import numpy as np
 
+        from mlx_distill import _skinny_blas
+
+        self.kernel = _skinny_blas.attend_fn()  # mlx_distill_attend
         self.capacity = capacity
         self.lens = np.zeros(slots, dtype=np.int32)  # tokens in each slot's cache
         self.slots = np.zeros(0, dtype=np.int32)  # the step's batch rows -> slots
         self.step_lens = np.zeros(0, dtype=np.int32)  # lens of those slots at the step's start
         self.offset: Any = None  # mx int32 (rows,): the RoPE position of each row's token
+        self.ropes: dict[tuple[float, int], tuple[Any, Any]] = {}  # (base, dims) -> the step's (cos, sin) tables
 
     def start(self, slots: list[int]) -> None:
         import mlx.core as mx
@@ -76,19 +79,28 @@ class _Rows:
         self.slots = np.array(slots, dtype=np.int32)
         self.step_lens = np.ascontiguousarray(self.lens[self.slots])
         self.offset = mx.array(self.step_lens)
+        for base, dims in self.ropes:  # in float32, as mx.fast.rope computes its angles
+            inv = np.power(np.float32(base), -np.arange(0, dims, 2, dtype=np.float32) / np.float32(dims))
+            theta = self.step_lens.astype(np.float32)[:, None] * inv.astype(np.float32)[None, :]
+            self.ropes[(base, dims)] = (np.ascontiguousarray(np.cos(theta)), np.ascontiguousarray(np.sin(theta)))
+
+
+class _InKernel:
+    """The ``offset`` a layer whose RoPE runs in the kernel hands its ``rope`` (:class:`_KernelRoPE` passes through)."""
 
 
 class _Layer:
     """One layer's slot cache; the model's attention reads ``offset`` and ``make_mask`` from here."""
 
-    def __init__(self, rows: _Rows):
+    def __init__(self, rows: _Rows, rope: tuple[float, int] | None):
         self.rows = rows
+        self.rope = rope  # (base, dims): the kernel rotates the queries and the new key; None: MLX did
         self.keys: Any = None  # numpy (slots, kv heads, capacity, head dim), made at the first write
         self.values: Any = None
 
     @property
     def offset(self) -> Any:
-        return self.rows.offset
+        return _InKernel() if self.rope else self.rows.offset
 
     def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None) -> Any:
         if n != 1:
@@ -119,27 +131,56 @@ class _Layer:
         import mlx.core as mx
         import numpy as np
 
-        from mlx_distill import _skinny_blas
-
         mx.eval(queries, keys, values)
         b, hq, _, d = queries.shape
         hkv = keys.shape[1]
         self._alloc(hkv, d)
-        q, k, v = (np.ascontiguousarray(np.asarray(a, dtype=np.float32)) for a in (queries, keys, values))
+        q, k, v = (np.ascontiguousarray(a, dtype=np.float32) for a in (queries, keys, values))
         out = np.empty((b, hq, 1, d), dtype=np.float32)
         rows = self.rows
-        ptr = ctypes.c_void_p
-        rc = _skinny_blas.attend_fn()(
-            b, hq, hkv, d, rows.capacity, float(scale), ptr(q.ctypes.data), ptr(k.ctypes.data),
-            ptr(v.ctypes.data), ptr(self.keys.ctypes.data), ptr(self.values.ctypes.data),
-            ptr(rows.slots.ctypes.data), ptr(rows.step_lens.ctypes.data), ptr(out.ctypes.data))
+        cos = sin = None
+        if self.rope:
+            if self.rope[1] != d:
+                raise RuntimeError(f"RoPE over {self.rope[1]} of a head's {d} dimensions is not the kernel's")
+            cos, sin = (t.ctypes.data for t in rows.ropes[self.rope])
+        rc = rows.kernel(b, hq, hkv, d, rows.capacity, scale, q.ctypes.data, k.ctypes.data, v.ctypes.data,
+                         self.keys.ctypes.data, self.values.ctypes.data, rows.slots.ctypes.data,
+                         rows.step_lens.ctypes.data, out.ctypes.data, cos, sin)
         if rc != 0:
             raise RuntimeError(f"mlx_distill_attend refused shapes q{q.shape} k{k.shape} (capacity {rows.capacity})")
-        return mx.array(out).astype(queries.dtype)
+        out_mx = mx.array(out)
+        return out_mx if queries.dtype == mx.float32 else out_mx.astype(queries.dtype)
+
+
+def _kernel_rope(attn: Any) -> tuple[float, int] | None:
+    """(base, dims) when ``attn.rope`` is a plain ``nn.RoPE`` over the whole head, which the kernel can apply."""
+    import mlx.nn as nn
+
+    rope = getattr(attn, "rope", None)
+    head = getattr(attn, "head_dim", None)
+    if type(rope) is not nn.RoPE or rope.traditional or rope.scale != 1.0 or (head is not None and rope.dims != head):
+        return None
+    return float(rope.base), int(rope.dims)
+
+
+def _wrap_rope() -> Any:
+    import mlx.nn as nn
+
+    class _KernelRoPE(nn.Module):
+        """A layer's ``nn.RoPE`` that passes the queries and keys of a :class:`_Layer` step through unrotated."""
+
+        def __init__(self, inner: Any):
+            super().__init__()
+            self.inner = inner
+
+        def __call__(self, x: Any, offset: Any = 0) -> Any:
+            return x if isinstance(offset, _InKernel) else self.inner(x, offset=offset)
+
+    return _KernelRoPE
 
 
 @contextmanager
-def _kernel_attention(model: Any) -> Iterator[None]:
+def _kernel_attention(model: Any) -> Iterator[list[tuple[float, int] | None]]:
     """Within the block, the model's attention over a :class:`_Layer` runs in the C kernel.
 
     And the shim's helper threads spin :data:`SPIN_US` between jobs instead of
@@ -164,11 +205,20 @@ def _kernel_attention(model: Any) -> Iterator[None]:
     if not raw.isdigit():
         raise ConfigError(f"MLX_DISTILL_DECODE_SPIN_US must be a whole number of microseconds, got {raw!r}")
     spin = int(raw)
+    attns = [layer.self_attn for layer in model.layers]
+    ropes = [_kernel_rope(a) for a in attns]
+    wrapper = _wrap_rope()
     module.scaled_dot_product_attention = attention
     was = _skinny_blas.set_spin(spin)
     try:
-        yield
+        for a, rope in zip(attns, ropes):
+            if rope:
+                a.rope = wrapper(a.rope)
+        yield ropes
     finally:
+        for a, rope in zip(attns, ropes):
+            if rope and type(a.rope).__name__ == "_KernelRoPE":
+                a.rope = a.rope.inner
         module.scaled_dot_product_attention = original
         if was is not None:
             _skinny_blas.set_spin(was)
@@ -203,13 +253,14 @@ def decode(
     """
     if not prompts:
         return []
-    with _kernel_attention(model):
-        return _decode(model, prompts, max_tokens=max_tokens, stop=stop, batch_size=batch_size, on_done=on_done)
+    with _kernel_attention(model) as ropes:
+        return _decode(model, prompts, max_tokens=max_tokens, stop=stop, batch_size=batch_size, on_done=on_done,
+                       ropes=ropes)
 
 
 def _decode(
     model: Any, prompts: Sequence[Sequence[int]], *, max_tokens: int, stop: set[int], batch_size: int,
-    on_done: Callable[[int, list[int], str], None] | None,
+    on_done: Callable[[int, list[int], str], None] | None, ropes: list[tuple[float, int] | None],
 ) -> list[tuple[list[int], str]]:
     import mlx.core as mx
     from mlx_lm.models.cache import KVCache
@@ -218,7 +269,8 @@ def _decode(
 
     n_slots = max(1, min(batch_size, len(prompts)))
     rows = _Rows(n_slots, max(len(p) for p in prompts) + max_tokens)
-    layers = [_Layer(rows) for _ in model.layers]
+    layers = [_Layer(rows, rope) for rope in ropes]
+    rows.ropes = {rope: (None, None) for rope in ropes if rope}
     shared = shared_prefix(prompts)
     prefix: list[tuple[Any, Any]] = []
     if shared:  # a common system prompt: prefilled once

@@ -18,19 +18,27 @@ needs_kernel = pytest.mark.skipif(_skinny_blas.attend_fn() is None,
 
 
 def _attend(q: np.ndarray, kn: np.ndarray, vn: np.ndarray, kc: np.ndarray, vc: np.ndarray, slots: list[int],
-            lens: list[int], scale: float) -> tuple[int, np.ndarray]:
+            lens: list[int], scale: float, rope: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[int, np.ndarray]:
     b, hq, d = q.shape
     out = np.full((b, hq, d), np.nan, dtype=np.float32)
     s, n = np.array(slots, dtype=np.int32), np.array(lens, dtype=np.int32)
     ptr = ctypes.c_void_p
+    tables = [ptr(t.ctypes.data) for t in rope] if rope else [None, None]
     rc = _skinny_blas.attend_fn()(b, hq, kn.shape[1], d, kc.shape[2], scale, *(ptr(a.ctypes.data) for a in (
-        q, kn, vn, kc, vc, s, n, out)))
+        q, kn, vn, kc, vc, s, n, out)), *tables)
     return rc, out
 
 
+def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """mx.fast.rope(traditional=False) of one head at one position."""
+    half = x.shape[-1] // 2
+    return np.concatenate([x[:half] * cos - x[half:] * sin, x[half:] * cos + x[:half] * sin])
+
+
 @needs_kernel
-@pytest.mark.parametrize(("hq", "hkv", "d"), [(9, 3, 64), (4, 4, 16), (12, 2, 128), (6, 1, 256)])
-def test_the_kernel_appends_the_new_key_and_attends_like_numpy(hq: int, hkv: int, d: int) -> None:
+@pytest.mark.parametrize(("hq", "hkv", "d", "rope"), [(9, 3, 64, False), (9, 3, 64, True), (4, 4, 16, True),
+                                                    (12, 2, 128, False), (6, 1, 256, True)])
+def test_the_kernel_appends_the_new_key_and_attends_like_numpy(hq: int, hkv: int, d: int, rope: bool) -> None:
     rng = np.random.default_rng(hq * d)
     slots_n, cap = 5, 70
     kc = rng.standard_normal((slots_n, hkv, cap, d)).astype(np.float32)
@@ -41,15 +49,18 @@ def test_the_kernel_appends_the_new_key_and_attends_like_numpy(hq: int, hkv: int
     vn = rng.standard_normal((3, hkv, d)).astype(np.float32)
     k_before, v_before = kc.copy(), vc.copy()
     scale = d ** -0.5
-    rc, out = _attend(q, kn, vn, kc, vc, slots, lens, scale)
+    theta = np.array(lens, dtype=np.float32)[:, None] * 10000.0 ** (-np.arange(0, d, 2) / d).astype(np.float32)
+    tables = (np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)) if rope else None
+    rc, out = _attend(q, kn, vn, kc, vc, slots, lens, scale, tables)
     assert rc == 0
     g = hq // hkv
     for i, (s, n) in enumerate(zip(slots, lens)):
-        np.testing.assert_array_equal(kc[s, :, n], kn[i])
+        turn = (lambda x, i=i: _rotate(x, tables[0][i], tables[1][i])) if tables else (lambda x: x)
+        np.testing.assert_allclose(kc[s, :, n], np.stack([turn(x) for x in kn[i]]), rtol=1e-6, atol=1e-6)
         np.testing.assert_array_equal(vc[s, :, n], vn[i])
         for h in range(hq):
             keys, values = kc[s, h // g, :n + 1].astype(np.float64), vc[s, h // g, :n + 1].astype(np.float64)
-            logits = keys @ q[i, h].astype(np.float64) * scale
+            logits = keys @ turn(q[i, h]).astype(np.float64) * scale
             p = np.exp(logits - logits.max())
             want = (p / p.sum()) @ values
             np.testing.assert_allclose(out[i, h], want, rtol=2e-5, atol=2e-6)
@@ -70,6 +81,12 @@ def test_the_kernel_refuses_shapes_it_does_not_take() -> None:
     q24, kv24 = np.zeros((1, 4, 24), dtype=np.float32), np.zeros((1, 2, 24), dtype=np.float32)
     z24 = np.zeros((2, 2, 1, 24), dtype=np.float32)
     assert _attend(q24, kv24, kv24, z24, z24, [0], [0], 1.0)[0] == -1  # head dim not a multiple of 16
+    cos = np.zeros((1, 16), dtype=np.float32)
+    assert _attend(q, kv, kv, z[:, :2], z[:, :2], [0], [0], 1.0)[0] == 0
+    half = _skinny_blas.attend_fn()(1, 4, 2, 32, 1, 1.0, *(ctypes.c_void_p(a.ctypes.data) for a in (
+        q, kv, kv, z[:, :2].copy(), z[:, :2].copy(), np.zeros(1, np.int32), np.zeros(1, np.int32),
+        np.zeros((1, 4, 32), np.float32), cos)), None)
+    assert half == -1  # a cos table without a sin table
 
 
 def _model(**overrides: Any) -> Any:
@@ -120,11 +137,13 @@ def test_the_answers_are_the_greedy_answers_with_slots_reused(shared: int, batch
 
 
 @needs_kernel
-def test_the_logits_match_mlx_lms_cache_step_by_step(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("traditional", [False, True])  # True: a RoPE the kernel does not take stays MLX's
+def test_the_logits_match_mlx_lms_cache_step_by_step(monkeypatch: pytest.MonkeyPatch, traditional: bool) -> None:
     """Through mlx-lm's own KV cache and attention, the same model gives the same logits at every step."""
     from mlx_lm.models.cache import make_prompt_cache
 
-    model = _model(num_attention_heads=8, num_key_value_heads=2)
+    model = _model(num_attention_heads=8, num_key_value_heads=2, rope_traditional=traditional)
+    assert [fastdecode._kernel_rope(layer.self_attn) is None for layer in model.layers] == [traditional] * 2
     prompt = [3, 9, 27, 17, 51, 25, 11]
     cache = make_prompt_cache(model)
     refs = [model(mx.array([prompt]), cache=cache)[0, -1]]
@@ -143,6 +162,7 @@ def test_the_logits_match_mlx_lms_cache_step_by_step(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(type(model), "__call__", spy)
     got, _ = fastdecode.decode(model, [prompt], max_tokens=13, stop=set())[0]
     assert got == tokens
+    assert all(type(layer.self_attn.rope).__name__ == "RoPE" for layer in model.layers)  # put back
     assert len(seen) == len(refs) - 1  # one call a token after the prefill (which computes its last logits only)
     for a, b in zip(seen, refs[1:]):
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-4)

@@ -1,7 +1,8 @@
 /* The BLAS shim of mlx_distill/_skinny_blas.py (see its docstring for the why and the measurements):
    defines cblas_sgemm only, takes the few-row calls of decoding (its own kernel; other skinny calls to BLIS)
-   and forwards the rest to OpenBLAS. Built by _skinny_blas.load() with -D BIG_PATH, SMALL_PATH,
-   DEFAULT_ROWS, KERNEL_ROWS, SPIN_US, PREFETCH and KERNEL_ON. */
+   and forwards the rest to OpenBLAS. It also exports mlx_distill_attend, the one-query attention of
+   mlx_distill/fastdecode.py, which shares the kernel's helper threads. Built by _skinny_blas.load() with
+   -D BIG_PATH, SMALL_PATH, DEFAULT_ROWS, KERNEL_ROWS, SPIN_US, PREFETCH and KERNEL_ON. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <math.h>
@@ -293,7 +294,19 @@ typedef struct {
   const float *q, *knew, *vnew;
   float *kc, *vc, *out;
   const int *slots, *lens;
+  const float *cos, *sin;  /* (b, d / 2) each: RoPE of the new key and the queries at each row's position, or NULL */
 } attn_t;
+
+/* RoPE as mx.fast.rope(traditional=False) over the whole head: x[j] and x[j + d/2] rotated by row i's angle j. */
+static inline void rotate(const attn_t* a, int i, const float* x, float* y) {
+  const int half = a->d / 2;
+  const float *c = a->cos + (size_t)i * half, *s = a->sin + (size_t)i * half;
+  for (int j = 0; j < half; j++) {
+    const float x0 = x[j], x1 = x[j + half];
+    y[j] = x0 * c[j] - x1 * s[j];
+    y[j + half] = x1 * c[j] + x0 * s[j];
+  }
+}
 static attn_t attn;  /* the parallel call's arguments (set by the holder of the helpers) */
 
 static void attend_one(const attn_t* a, int task) {
@@ -301,14 +314,19 @@ static void attend_one(const attn_t* a, int task) {
   const size_t base = ((size_t)a->slots[i] * a->hkv + h) * a->cap * d;
   float *K = a->kc + base, *V = a->vc + base;
   const int n = a->lens[i] + 1;
-  for (int c = 0; c < d; c++) {
-    K[(size_t)(n - 1) * d + c] = a->knew[((size_t)i * a->hkv + h) * d + c];
-    V[(size_t)(n - 1) * d + c] = a->vnew[((size_t)i * a->hkv + h) * d + c];
-  }
-  const float* q = a->q + ((size_t)i * a->hq + (size_t)h * G) * d;
+  const float *kn = a->knew + ((size_t)i * a->hkv + h) * d, *vn = a->vnew + ((size_t)i * a->hkv + h) * d;
+  if (a->cos) rotate(a, i, kn, K + (size_t)(n - 1) * d);
+  else for (int c = 0; c < d; c++) K[(size_t)(n - 1) * d + c] = kn[c];
+  for (int c = 0; c < d; c++) V[(size_t)(n - 1) * d + c] = vn[c];
   const int padded = (n + 15) & ~15;
-  float* sc = malloc(sizeof(float) * (size_t)G * padded);
+  float* sc = malloc(sizeof(float) * ((size_t)G * padded + (size_t)G * d));
   if (!sc) abort();
+  const float* q = a->q + ((size_t)i * a->hq + (size_t)h * G) * d;
+  if (a->cos) {  /* the G query heads, rotated, after the scores' space */
+    float* qr = sc + (size_t)G * padded;
+    for (int g = 0; g < G; g++) rotate(a, i, q + (size_t)g * d, qr + (size_t)g * d);
+    q = qr;
+  }
   for (int t = 0; t < n; t++) {  /* scores: each key row read once for the G heads */
     const float* k = K + (size_t)t * d;
     for (int c = 0; c < d; c += 16) __builtin_prefetch(k + ATT_AHEAD + c);
@@ -356,15 +374,18 @@ static void attend_work(int t0, int t1) {
   for (int t = t0; t < t1; t++) attend_one(&attn, t);
 }
 
-/* q: (b, hq, d); knew, vnew: (b, hkv, d); out: (b, hq, d); all C-contiguous fp32. Returns 0, or -1 when the
-   shapes are out of this kernel's range (d a multiple of 16 up to 256, hq / hkv whole and up to 16). */
+/* q: (b, hq, d); knew, vnew: (b, hkv, d); out: (b, hq, d); all C-contiguous fp32. rope_cos, rope_sin: NULL (q and
+   knew come rotated) or (b, d / 2) each, to rotate q and knew here. Returns 0, or -1 when the shapes are out of
+   this kernel's range (d a multiple of 16 up to 256, hq / hkv whole and up to 16, a position past cap). */
 int mlx_distill_attend(int b, int hq, int hkv, int d, int cap, float scale, const float* q, const float* knew,
-                       const float* vnew, float* kc, float* vc, const int* slots, const int* lens, float* out) {
+                       const float* vnew, float* kc, float* vc, const int* slots, const int* lens, float* out,
+                       const float* rope_cos, const float* rope_sin) {
   pthread_once(&once, init);
   if (b < 1 || hkv < 1 || hq % hkv || hq / hkv > MAX_GROUP || d % 16 || d / 16 > MAX_DV) return -1;
   for (int i = 0; i < b; i++)
     if (lens[i] < 0 || lens[i] >= cap) return -1;
-  const attn_t a = {hq, hkv, d, cap, scale, q, knew, vnew, kc, vc, out, slots, lens};
+  if ((rope_cos == NULL) != (rope_sin == NULL)) return -1;
+  const attn_t a = {hq, hkv, d, cap, scale, q, knew, vnew, kc, vc, out, slots, lens, rope_cos, rope_sin};
   if (b * hkv > 1 && claim()) {
     attn = a;
     run_parallel(attend_work, b * hkv, 0);
