@@ -251,6 +251,8 @@ def decode(
     The stop token itself is not returned; ``on_done(index, tokens, reason)``
     is called as each sequence finishes.
     """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be 1 or more, got {max_tokens}")
     if not prompts:
         return []
     with _kernel_attention(model) as ropes:

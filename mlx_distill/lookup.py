@@ -25,7 +25,9 @@ Opt-in (``--lookup-tokens``): on the 2-core CPU of docs/benchmarks.md
 took 118 ms at 1 token a row and 163 / 204 / 216 ms at 2 / 3 / 4, while the
 calls of a batch fell only 1.30-1.47x (it runs until its slowest row ends):
 0.99-1.16x end to end at ``k`` = 1 across runs, slower above; the same
-answers throughout.
+answers throughout. Since greedy decoding on the CPU runs on
+:mod:`mlx_distill.fastdecode` (attention in a C kernel; 2026-12-05), lookup,
+which keeps MLX's attention, is slower than it: 0.64-0.71x.
 """
 
 from __future__ import annotations

@@ -188,3 +188,30 @@ def test_generate_batch_takes_fastdecode_for_greedy_only(tiny_model_dir: Path, m
     monkeypatch.delenv(fastdecode.ENV)
     generate.generate_batch(model, tok, prompts[:1], max_tokens=4, temperature=0.7)
     assert calls == [1]  # sampling keeps BatchGenerator
+
+
+@needs_kernel
+def test_a_bad_spin_setting_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlx_distill.errors import ConfigError
+
+    model = _model()
+    monkeypatch.setenv("MLX_DISTILL_DECODE_SPIN_US", "2ms")
+    with pytest.raises(ConfigError, match="MLX_DISTILL_DECODE_SPIN_US must be a whole number of microseconds, got '2ms'"):
+        fastdecode.decode(model, [[1, 2, 3]], max_tokens=2, stop=set())
+    assert all(type(layer.self_attn.rope).__name__ == "RoPE" for layer in model.layers)  # nothing left swapped
+
+
+def test_the_generate_cli_rejects_a_max_tokens_or_batch_size_below_one(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from mlx_distill.cli import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"id": "p0", "prompt": "write code"}) + "\n")
+    base = ["generate", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl")]
+    for flag, value in (("--max-tokens", "0"), ("--batch-size", "0")):
+        bad = CliRunner().invoke(main, [*base, flag, value])
+        assert bad.exit_code == 2 and f"{flag} must be 1 or more, got 0" in bad.output, bad.output
+    assert not (tmp_path / "o.jsonl").exists()
