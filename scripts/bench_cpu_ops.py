@@ -23,7 +23,8 @@ Measurements, each in its own subprocess (the BLAS choice is made when
   KV cache vs its 211 matmuls alone, and the same matmuls for one row (the
   fp32 bandwidth floor), with the shim's kernel and with BLIS.
 * ``generate``: ``generate_batch`` (mlx-lm's BatchGenerator, on a stream of
-  its own) for 8 prompts, then a bare greedy loop over the same left-padded
+  its own: ``MLX_DISTILL_FAST_DECODE=0`` here, since greedy decoding on the
+  CPU otherwise runs on ``fastdecode``) for 8 prompts, then a bare greedy loop over the same left-padded
   batch on the default stream, ms a step each; on OpenBLAS and on MKL (MKL's
   OpenMP teams once MLX has called it from two threads).
 * ``validation``: a validation over 2 batches of 4 x 353 random tokens with
@@ -196,9 +197,10 @@ def worker_generate(reps: int) -> dict:
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
-    from mlx_distill import _blas, models
+    from mlx_distill import _blas, fastdecode, models
     from mlx_distill.generate import chat_tokens, generate_batch
 
+    os.environ[fastdecode.ENV] = "0"  # BatchGenerator on its own stream: the two-thread case this worker measures
     model, tok, _ = models.load("demo")
     prompts = [json.loads(line)["prompt"] for line in (ROOT / "prompts" / "base.jsonl").read_text().splitlines()][:8]
     n = 10 * reps  # new tokens a row
