@@ -148,7 +148,7 @@ def coretype(path: str) -> str | None:
 
     Nothing when the variable is set already, off x86, or when the child
     process that asks OpenBLAS cannot run. The answer is cached per library
-    and CPU under ``$MLX_DISTILL_HOME/blas``.
+    (path, size, mtime) and CPU under ``$MLX_DISTILL_HOME/blas``.
     """
     import hashlib
     import platform
@@ -166,14 +166,15 @@ def coretype(path: str) -> str | None:
     try:
         from mlx_distill.runs import home
 
-        key = hashlib.sha256(f"{os.path.realpath(path)}|{cpu}".encode()).hexdigest()[:16]
+        real = os.path.realpath(path)
+        st = os.stat(real)  # a library upgraded in place is asked again
+        key = hashlib.sha256(f"{real}|{st.st_size}|{st.st_mtime_ns}|{cpu}".encode()).hexdigest()[:16]
         cached = home() / "blas" / f"coretype-{key}.txt"
         if cached.is_file():
             detected = cached.read_text().strip()
         else:
-            env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
             res = subprocess.run([sys.executable, "-c", _PROBE, path], capture_output=True, text=True, timeout=60,
-                                 env={**env, "OPENBLAS_NUM_THREADS": "1"})
+                                 env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
             detected = res.stdout.strip()
             if res.returncode != 0 or not detected:
                 return None

@@ -266,7 +266,11 @@ def test_an_openblas_fallback_core_is_replaced_by_the_cpus_own(tmp_path: Path, m
     monkeypatch.delenv("OPENBLAS_CORETYPE")
     monkeypatch.setattr(_skinny_blas, "_cpu", lambda: "flags\t: fpu sse2 sse4_2")
     assert _blas.coretype(_fake_openblas(tmp_path, "Core2")) is None  # nothing better to ask for
-    assert _blas.coretype(str(tmp_path / "missing.so")) is None  # a child that fails: nothing set
+    monkeypatch.setattr(_skinny_blas, "_cpu", lambda: f"model name\t: Some Xeon|{AVX512}")
+    not_a_library = tmp_path / "libnot.so"
+    not_a_library.write_text("not ELF")
+    assert _blas.coretype(str(not_a_library)) is None  # a child that fails: nothing set
+    assert _blas.coretype(str(tmp_path / "missing.so")) is None
     assert "OPENBLAS_CORETYPE" not in os.environ
 
 
