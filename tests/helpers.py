@@ -31,6 +31,35 @@ TINY_ARGS = {
 }
 
 
+def sharp_tiny_llama(**overrides: object) -> object:
+    """A random tiny llama (64-word vocabulary) with sharp attention, so that a wrong position or a stale or
+    visible cache slot changes the greedy tokens (prompt lookup and fastdecode tests)."""
+    import mlx.core as mx
+    from mlx_lm.models import llama
+
+    mx.random.seed(0)
+    model = llama.Model(llama.ModelArgs.from_dict({**TINY_ARGS, "vocab_size": 64, **overrides}))
+    for layer in model.layers:
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+            proj.weight = proj.weight * 8
+    mx.eval(model.parameters())
+    return model
+
+
+def greedy_reference(model: object, prompt: list[int], n: int, stop: set[int]) -> tuple[list[int], str]:
+    """Greedy decoding with no cache: the whole sequence through the model for every token."""
+    import mlx.core as mx
+
+    seq, out = list(prompt), []
+    for _ in range(n):
+        t = int(mx.argmax(model(mx.array([seq]))[0, -1]).item())  # type: ignore[operator]
+        if t in stop:
+            return out, "eos"
+        out.append(t)
+        seq.append(t)
+    return out, "length"
+
+
 def write_tiny_llama(dest: Path, tokenizer_from: Path, seed: int = 0, **overrides: object) -> Path:
     """Write a random tiny llama (fp32) as an mlx-lm directory, borrowing a tokenizer."""
     import mlx.core as mx

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from mlx_distill import _skinny_blas, fastdecode, generate, models
-from tests.helpers import TINY_ARGS
+from tests.helpers import greedy_reference as _greedy
+from tests.helpers import sharp_tiny_llama as _model
 
 needs_kernel = pytest.mark.skipif(_skinny_blas.attend_fn() is None,
                                   reason="no BLAS shim built for this CPU (no compiler, or not Linux/OpenBLAS)")
@@ -87,30 +88,6 @@ def test_the_kernel_refuses_shapes_it_does_not_take() -> None:
         q, kv, kv, z[:, :2].copy(), z[:, :2].copy(), np.zeros(1, np.int32), np.zeros(1, np.int32),
         np.zeros((1, 4, 32), np.float32), cos)), None)
     assert half == -1  # a cos table without a sin table
-
-
-def _model(**overrides: Any) -> Any:
-    from mlx_lm.models import llama
-
-    mx.random.seed(0)
-    model = llama.Model(llama.ModelArgs.from_dict({**TINY_ARGS, "vocab_size": 64, **overrides}))
-    for layer in model.layers:  # sharp attention, so that a wrong position or a stale slot changes tokens
-        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
-            proj.weight = proj.weight * 8
-    mx.eval(model.parameters())
-    return model
-
-
-def _greedy(model: Any, prompt: list[int], n: int, stop: set[int]) -> tuple[list[int], str]:
-    """The reference: no cache, the whole sequence through the model for every token."""
-    seq, out = list(prompt), []
-    for _ in range(n):
-        t = int(mx.argmax(model(mx.array([seq]))[0, -1]).item())
-        if t in stop:
-            return out, "eos"
-        out.append(t)
-        seq.append(t)
-    return out, "length"
 
 
 @needs_kernel

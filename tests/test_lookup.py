@@ -3,38 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-import mlx.core as mx  # conftest imported mlx_distill first (OpenBLAS)
 import numpy as np
 import pytest
 
 from mlx_distill import generate, lookup, models
-from tests.helpers import TINY_ARGS
-
-
-def _model() -> Any:
-    from mlx_lm.models import llama
-
-    mx.random.seed(0)
-    model = llama.Model(llama.ModelArgs.from_dict({**TINY_ARGS, "vocab_size": 64}))
-    for layer in model.layers:  # sharp attention, so that a wrong position or a visible hole changes tokens
-        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
-            proj.weight = proj.weight * 8
-    mx.eval(model.parameters())
-    return model
-
-
-def _greedy(model: Any, prompt: list[int], n: int, stop: set[int]) -> tuple[list[int], str]:
-    """The reference: no cache, the whole sequence through the model for every token."""
-    seq, out = list(prompt), []
-    for _ in range(n):
-        t = int(mx.argmax(model(mx.array([seq]))[0, -1]).item())
-        if t in stop:
-            return out, "eos"
-        out.append(t)
-        seq.append(t)
-    return out, "length"
+from tests.helpers import greedy_reference as _greedy
+from tests.helpers import sharp_tiny_llama as _model
 
 
 def _prompts(shared: int = 0) -> list[list[int]]:

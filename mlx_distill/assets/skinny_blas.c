@@ -269,7 +269,7 @@ typedef int vi16 __attribute__((vector_size(64), aligned(4)));
 #define MAX_GROUP 16
 #define MAX_DV 16  /* d up to 256 */
 #ifndef ATT_AHEAD
-#define ATT_AHEAD 1024  /* floats ahead of the key or value row being read (4 KB; 512 B-16 KB measured alike) */
+#define ATT_AHEAD 1024  /* floats ahead of the key or value row being read (4 KB; 2-16 KB measured alike) */
 #endif
 
 /* e^x for x <= 0 (softmax after the maximum is subtracted), 16 at a time: x = n ln2 + f with n the nearest
