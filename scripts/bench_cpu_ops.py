@@ -404,6 +404,7 @@ def run(kind: str, reps: int, env: dict | None = None) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--section", default="cpu-ops", help="docs/benchmarks.md section (another box's run: its own)")
     ap.add_argument("--no-write", action="store_true", help="do not touch docs/benchmarks.md")
     ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -520,7 +521,7 @@ default stream:
 {gen_rows}
 """
     if not args.no_write:
-        write_section("cpu-ops", "CPU micro-benchmarks: skinny matmuls, softmax, lm_head memory, decode floor", body)
+        write_section(args.section, "CPU micro-benchmarks: skinny matmuls, softmax, lm_head memory, decode floor", body)
     print(body)
     emit(figures)
 

@@ -195,6 +195,7 @@ def main() -> None:
     )
     ap.add_argument("--seq-prompts", type=int, default=2, help="prompts for the one-at-a-time run")
     ap.add_argument("--lookup", type=int, default=1, help="the mlx-lookup way's drafts a row per call (0: skip it)")
+    ap.add_argument("--section", default="generate", help="docs/benchmarks.md section (another box's run: its own)")
     ap.add_argument("--no-write", action="store_true", help="do not touch docs/benchmarks.md")
     args = ap.parse_args()
 
@@ -339,7 +340,7 @@ end of this run), which is why 1 thread is measured too. The one-at-a-time run i
             "busy machine, not efficiency. Rerun on an idle machine before relying on the verdict.\n"
         )
     if not args.no_write:
-        write_section("generate", "Generation: MLX batched vs transformers", body)
+        write_section(args.section, "Generation: MLX batched vs transformers", body)
     print(body)
     emit(figures)
 
