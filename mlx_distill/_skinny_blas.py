@@ -35,7 +35,8 @@ over a 150-token cache took 10.8-12.3 ms against 14.2-15.1 with those calls
 on BLIS, and the decode step 75.5-82.1 against 78.4-90.5 ms.
 
 The same library holds the one-query attention of :mod:`mlx_distill.fastdecode`
-(``mlx_distill_attend``, :func:`attend_fn`), on the same helper threads.
+(``mlx_distill_attend``, :func:`attend_fn`), on the same helper threads, and its
+SwiGLU (``mlx_distill_swiglu``, :func:`swiglu_fn`, on the caller's thread).
 
 How: MLX calls ``cblas_sgemm`` from whichever library defined it first in the
 process. The shim (``assets/skinny_blas.c``) defines only ``cblas_sgemm``; it is compiled once (``gcc``,
@@ -153,6 +154,20 @@ def attend_fn() -> ctypes._CFuncPtr | None:
     f = lib.mlx_distill_attend
     f.restype = ctypes.c_int
     f.argtypes = [ctypes.c_int] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 10
+    return f
+
+
+def swiglu_fn() -> ctypes._CFuncPtr | None:
+    """The shim's ``silu(gate) * up`` (``mlx_distill_swiglu``, for :mod:`mlx_distill.fastdecode`), or None.
+
+    None without the shim, or when it was built without ``-march=native``.
+    """
+    lib = _lib()
+    if lib is None or not lib.mlx_distill_skinny_native():
+        return None
+    f = lib.mlx_distill_swiglu
+    f.restype = None
+    f.argtypes = [ctypes.c_long] + [ctypes.c_void_p] * 3
     return f
 
 

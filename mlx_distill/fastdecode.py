@@ -16,6 +16,12 @@ the graph is cut there; the rest of the step is mlx-lm's model as it is.
 BatchGenerator's per-step log-softmax (5 ms of a step for 8 x 49,152, which
 greedy decoding does not need) goes too.
 
+A decode step's SwiGLU (``silu(gate) * up``, 8 x 1536 a layer) runs in the
+shim too (``mlx_distill_swiglu``): MLX 0.32's CPU ``exp`` is scalar, and the
+30 layers' SwiGLU took ~6.4 ms of a ~44 ms step (2026-12-06, 2-core AMD EPYC;
+a second cut in the graph a layer, ~0.06 ms). ``MLX_DISTILL_DECODE_SWIGLU=0``
+keeps mlx-lm's.
+
 Continuous batching: a finished sequence frees its slot, and the next prompt
 is prefilled (one prompt a call, with mlx-lm's own cache, after the shared
 system prompt, which is prefilled once) and copied into it. The answers are
@@ -40,6 +46,7 @@ from typing import Any
 from mlx_distill.errors import ConfigError
 
 ENV = "MLX_DISTILL_FAST_DECODE"
+SWIGLU_ENV = "MLX_DISTILL_DECODE_SWIGLU"  # "0": mlx-lm's SwiGLU in the decode steps too
 SPIN_US = 2000  # the shim's helpers spin this long between jobs while decoding (MLX_DISTILL_DECODE_SPIN_US)
 
 
@@ -208,7 +215,10 @@ def _kernel_attention(model: Any) -> Iterator[list[tuple[float, int] | None]]:
     attns = [layer.self_attn for layer in model.layers]
     ropes = [_kernel_rope(a) for a in attns]
     wrapper = _wrap_rope()
+    swiglu = _kernel_swiglu(module)
     module.scaled_dot_product_attention = attention
+    if swiglu is not None:
+        module.swiglu = swiglu
     was = _skinny_blas.set_spin(spin)
     try:
         for a, rope in zip(attns, ropes):
@@ -220,8 +230,44 @@ def _kernel_attention(model: Any) -> Iterator[list[tuple[float, int] | None]]:
             if rope and type(a.rope).__name__ == "_KernelRoPE":
                 a.rope = a.rope.inner
         module.scaled_dot_product_attention = original
+        if swiglu is not None:
+            module.swiglu = swiglu.original
         if was is not None:
             _skinny_blas.set_spin(was)
+
+
+def _kernel_swiglu(module: Any) -> Any:
+    """A stand-in for ``module.swiglu`` whose one-token fp32 calls run in the shim, or None (not mlx-lm's, or off).
+
+    The gate and up projections are evaluated first (a second cut in the
+    layer's graph), then ``mlx_distill_swiglu`` makes the product; prefills
+    (more than one token a row) and other dtypes keep mlx-lm's.
+    """
+    from mlx_lm.models import activations
+
+    from mlx_distill import _skinny_blas
+    from mlx_distill.training.fastops import env_off
+
+    original = getattr(module, "swiglu", None)
+    kernel = _skinny_blas.swiglu_fn()
+    if env_off(SWIGLU_ENV) or original is not activations.swiglu or kernel is None:
+        return None
+
+    def swiglu(gate: Any, x: Any) -> Any:
+        import mlx.core as mx
+        import numpy as np
+
+        if (gate.ndim != 3 or gate.shape[1] != 1 or gate.shape != x.shape or gate.dtype != mx.float32
+                or x.dtype != mx.float32):
+            return original(gate, x)
+        mx.eval(gate, x)
+        g, u = np.ascontiguousarray(gate), np.ascontiguousarray(x)
+        out = np.empty_like(g)
+        kernel(g.size, g.ctypes.data, u.ctypes.data, out.ctypes.data)
+        return mx.array(out)
+
+    swiglu.original = original  # type: ignore[attr-defined]
+    return swiglu
 
 
 def _last_logits(model: Any, tokens: list[int], cache: list[Any]) -> Any:

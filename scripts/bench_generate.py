@@ -12,7 +12,9 @@ drafts a row per call): the same greedy answers from fewer model calls.
 of :mod:`mlx_distill.fastdecode` (``MLX_DISTILL_FAST_DECODE=0``, switched in
 this process). ``mlx-blis`` is ``generate_batch`` with the skinny matmuls on BLIS instead of
 ``_skinny_blas``'s own kernel (switched in this process, so both share the
-same warm caches).
+same warm caches). ``mlx-mlxswiglu`` is ``fastdecode`` with mlx-lm's SwiGLU in
+the decode steps instead of the shim's (``MLX_DISTILL_DECODE_SWIGLU=0``, switched
+in this process).
 
 The machines are shared, so the batched ways run in alternating order for
 ``--rounds`` rounds and the best round of each counts; transformers runs with
@@ -80,15 +82,17 @@ def _figures(useful: int, wall: float, cpu: float, **extra: Any) -> dict[str, An
 
 def mlx_batched(
     model: Any, tokenizer: Any, prompts: list[str], max_tokens: int, lookup: int = 0, kernel: bool = True,
-    fast: bool = True,
+    fast: bool = True, swiglu: bool = True,
 ) -> dict[str, Any]:
     from mlx_distill import _skinny_blas, fastdecode
     from mlx_distill.generate import generate_batch
 
     _skinny_blas.set_kernel(kernel)
-    saved = os.environ.pop(fastdecode.ENV, None)
+    saved = {k: os.environ.pop(k, None) for k in (fastdecode.ENV, fastdecode.SWIGLU_ENV)}
     if not fast:
         os.environ[fastdecode.ENV] = "0"  # mlx-lm's BatchGenerator, as before fastdecode
+    if not swiglu:
+        os.environ[fastdecode.SWIGLU_ENV] = "0"  # fastdecode with mlx-lm's SwiGLU, as before 2026-12-06
     try:
         out, wall, cpu = _timed(
             lambda: generate_batch(
@@ -96,9 +100,10 @@ def mlx_batched(
             )
         )
     finally:
-        os.environ.pop(fastdecode.ENV, None)
-        if saved is not None:
-            os.environ[fastdecode.ENV] = saved
+        for k, v in saved.items():
+            os.environ.pop(k, None)
+            if v is not None:
+                os.environ[k] = v
     useful = sum(c.completion_tokens for c in out)  # generate_batch leaves the eos token out
     return _figures(useful, wall, cpu, texts=[c.text for c in out])
 
@@ -214,14 +219,15 @@ def main() -> None:
     if blis:
         mlx_batched(model, tokenizer, prompts[:2], 4, kernel=False)
     mlx_batched(model, tokenizer, prompts[:2], 4, fast=False)
-    ways = ["mlx", "mlx-batchgen", *(["mlx-lookup"] if args.lookup else []), *(["mlx-blis"] if blis else []),
+    ways = ["mlx", "mlx-mlxswiglu", "mlx-batchgen", *(["mlx-lookup"] if args.lookup else []), *(["mlx-blis"] if blis else []),
             *hf_ways]
     rounds: dict[str, list[dict[str, Any]]] = {w: [] for w in ways}
     for r in range(args.rounds):
         for way in ways if r % 2 == 0 else ways[::-1]:
             if way.startswith("mlx"):
                 res = mlx_batched(model, tokenizer, prompts, args.max_tokens, args.lookup if way == "mlx-lookup" else 0,
-                                  kernel=way != "mlx-blis", fast=way != "mlx-batchgen")
+                                  kernel=way != "mlx-blis", fast=way != "mlx-batchgen",
+                                  swiglu=way != "mlx-mlxswiglu")
             else:
                 res = hf.run(args.max_tokens, int(way[2:]))
             rounds[way].append(res)
@@ -239,6 +245,8 @@ def main() -> None:
     lb = best.get("mlx-lookup")
     bb = best.get("mlx-blis")
     gb = best["mlx-batchgen"]
+    sb = best["mlx-mlxswiglu"]
+    same_swiglu = sum(a == b for a, b in zip(mb["texts"], sb["texts"]))
     same_batchgen = sum(a == b for a, b in zip(mb["texts"], gb["texts"]))
     same_blis = sum(a == b for a, b in zip(mb["texts"], bb["texts"])) if bb else None
     same_lookup = sum(a == b for a, b in zip(mb["texts"], lb["texts"])) if lb else None
@@ -273,6 +281,9 @@ def main() -> None:
         "mlx_batchgen_tok_s": gb["tok_per_s"],
         "fastdecode_vs_batchgen": round(mb["tok_per_s"] / gb["tok_per_s"], 2),
         "identical_batchgen_vs_mlx": f"{same_batchgen}/{len(prompts)}",
+        "mlx_mlxswiglu_tok_s": sb["tok_per_s"],
+        "kernel_swiglu_vs_mlx_swiglu": round(mb["tok_per_s"] / sb["tok_per_s"], 2),
+        "identical_mlxswiglu_vs_mlx": f"{same_swiglu}/{len(prompts)}",
         "mlx_blis_tok_s": bb["tok_per_s"] if bb else None,
         "kernel_vs_blis": round(mb["tok_per_s"] / bb["tok_per_s"], 2) if bb else None,
         "identical_blis_vs_mlx": f"{same_blis}/{len(prompts)}" if bb else None,
@@ -283,6 +294,7 @@ def main() -> None:
         f"{w}: " + ", ".join(f"{x['tok_per_s']:.1f}" for x in rs) for w, rs in rounds.items()
     )
     rows = [("MLX batched (`generate_batch`: `fastdecode`, continuous batching)", mb),
+            ("MLX batched, `fastdecode` with mlx-lm's SwiGLU (`MLX_DISTILL_DECODE_SWIGLU=0`)", sb),
             ("MLX batched, mlx-lm's `BatchGenerator` (`MLX_DISTILL_FAST_DECODE=0`)", gb)]
     if bb:
         rows += [("MLX batched, skinny matmuls on BLIS (`MLX_DISTILL_SKINNY_KERNEL=0`)", bb)]
@@ -323,6 +335,9 @@ end of this run), which is why 1 thread is measured too. The one-at-a-time run i
              f"log-softmax) instead of mlx-lm's `BatchGenerator`: {mb['tok_per_s']:.1f} vs {gb['tok_per_s']:.1f} useful "
              f"tok/s, **{mb['tok_per_s'] / gb['tok_per_s']:.2f}x** ({gb['tok_per_s'] / hb['tok_per_s']:.2f}x transformers "
              f"on `BatchGenerator`); the same greedy answers: {same_batchgen}/{len(prompts)}.\n")
+    body += (f"\nThe decode steps' SwiGLU in the shim (`mlx_distill_swiglu`, the default) instead of mlx-lm's: "
+             f"{mb['tok_per_s']:.1f} vs {sb['tok_per_s']:.1f} useful tok/s, **{mb['tok_per_s'] / sb['tok_per_s']:.2f}x**; "
+             f"the same greedy answers: {same_swiglu}/{len(prompts)}.\n")
     if lb:
         body += (f"\nPrompt lookup ({args.lookup} draft{'s' if args.lookup > 1 else ''} a row per call) ran at "
                  f"{lb['tok_per_s']:.1f} useful tok/s, **{lb['tok_per_s'] / mb['tok_per_s']:.2f}x** MLX batched without it "

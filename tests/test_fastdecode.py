@@ -91,6 +91,40 @@ def test_the_kernel_refuses_shapes_it_does_not_take() -> None:
 
 
 @needs_kernel
+@pytest.mark.parametrize("n", [16, 37, 12288])  # 37: a tail past the last 16 floats
+def test_the_swiglu_kernel_matches_silu_times_up(n: int) -> None:
+    from mlx_lm.models.activations import swiglu
+
+    rng = np.random.default_rng(n)
+    gate = (rng.standard_normal(n) * 6).astype(np.float32)
+    gate[:8] = [0.0, -0.0, 100.0, -100.0, 88.5, -88.5, 1e-30, -1e-30]  # e^-|g| clamped at -87; no overflow
+    up = rng.standard_normal(n).astype(np.float32)
+    out = np.full(n, np.nan, dtype=np.float32)
+    _skinny_blas.swiglu_fn()(n, *(ctypes.c_void_p(a.ctypes.data) for a in (gate, up, out)))
+    g = gate.astype(np.float64)
+    np.testing.assert_allclose(out, g / (1 + np.exp(-g)) * up, rtol=2e-6, atol=1e-30)
+    np.testing.assert_allclose(out, np.array(swiglu(mx.array(gate), mx.array(up))), rtol=1e-5, atol=1e-7)
+
+
+@needs_kernel
+@pytest.mark.parametrize("on", [True, False])
+def test_decode_steps_run_swiglu_in_the_kernel_and_put_mlx_lms_back(monkeypatch: pytest.MonkeyPatch, on: bool) -> None:
+    from mlx_lm.models import activations, llama
+
+    model = _model()
+    kernel, calls = _skinny_blas.swiglu_fn(), []
+    monkeypatch.setattr(_skinny_blas, "swiglu_fn", lambda: lambda *a: calls.append(a[0]) or kernel(*a))
+    if not on:
+        monkeypatch.setenv(fastdecode.SWIGLU_ENV, "0")
+    prompts = [[3, 9, 27, 17], [5, 1, 2, 40, 41, 7]]
+    got = fastdecode.decode(model, prompts, max_tokens=6, stop=set(), batch_size=2)
+    assert got == [_greedy(model, p, 6, set()) for p in prompts]
+    # 5 steps after the prefills (whose many-token SwiGLU stays mlx-lm's), one call a layer, 2 rows x 128 floats
+    assert calls == ([2 * 128] * 5 * len(model.layers) if on else [])
+    assert llama.swiglu is activations.swiglu
+
+
+@needs_kernel
 @pytest.mark.parametrize(("shared", "batch_size"), [(0, 2), (40, 2), (40, 8)])
 def test_the_answers_are_the_greedy_answers_with_slots_reused(shared: int, batch_size: int) -> None:
     model = _model()
@@ -176,6 +210,9 @@ def test_a_bad_spin_setting_names_the_variable(monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(ConfigError, match="MLX_DISTILL_DECODE_SPIN_US must be a whole number of microseconds, got '2ms'"):
         fastdecode.decode(model, [[1, 2, 3]], max_tokens=2, stop=set())
     assert all(type(layer.self_attn.rope).__name__ == "RoPE" for layer in model.layers)  # nothing left swapped
+    from mlx_lm.models import activations, llama
+
+    assert llama.swiglu is activations.swiglu
 
 
 def test_the_generate_cli_rejects_a_max_tokens_or_batch_size_below_one(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -395,6 +395,25 @@ int mlx_distill_attend(int b, int hq, int hkv, int d, int cap, float scale, cons
   return 0;
 }
 
+/* out = silu(gate) * up over n floats (fastdecode's SwiGLU in a decode step: 8 rows x 1536 a layer). MLX 0.32's
+   CPU exp is scalar (~9-17 ns an element, ~6 ms of a 44 ms decode step on a 2-core AMD EPYC, 2026-12-06); this is
+   vexp, 16 at a time. silu(g) = g / (1 + e^-g) for g >= 0, g e^g / (1 + e^g) below: e^-|g| never overflows. */
+void mlx_distill_swiglu(long n, const float* gate, const float* up, float* out) {
+  long i = 0;
+  for (; i + 16 <= n; i += 16) {
+    v16 g = LD(gate + i), u = LD(up + i);
+    vi16 neg = g < 0;
+    v16 e = vexp((v16)((vi16)g | ((vi16){0} + (int)0x80000000u)));  /* e^-|g|: the sign bit set */
+    v16 num = (v16)(((vi16)g & ~neg) | ((vi16)(g * e) & neg));
+    v16 r = num / (1.0f + e) * u;
+    __builtin_memcpy(out + i, &r, sizeof r);
+  }
+  for (; i < n; i++) {
+    float g = gate[i], e = expf(-fabsf(g));
+    out[i] = (g >= 0 ? g : g * e) / (1.0f + e) * up[i];
+  }
+}
+
 /* Whether this build is for this CPU (-march=native); fastdecode uses the attention kernel only then. */
 int mlx_distill_skinny_native(void) { return KERNEL_ON; }
 
