@@ -12,8 +12,8 @@ drafts a row per call): the same greedy answers from fewer model calls.
 of :mod:`mlx_distill.fastdecode` (``MLX_DISTILL_FAST_DECODE=0``, switched in
 this process). ``mlx-blis`` is ``generate_batch`` with the skinny matmuls on BLIS instead of
 ``_skinny_blas``'s own kernel (switched in this process, so both share the
-same warm caches). ``mlx-mlxswiglu`` is ``fastdecode`` with mlx-lm's SwiGLU in
-the decode steps instead of the shim's (``MLX_DISTILL_DECODE_SWIGLU=0``, switched
+same warm caches). ``mlx-mlxswiglu`` is ``fastdecode`` with mlx-lm's SwiGLU
+instead of the shim's (``MLX_DISTILL_DECODE_SWIGLU=0``, switched
 in this process).
 
 The machines are shared, so the batched ways run in alternating order for
@@ -335,7 +335,7 @@ end of this run), which is why 1 thread is measured too. The one-at-a-time run i
              f"log-softmax) instead of mlx-lm's `BatchGenerator`: {mb['tok_per_s']:.1f} vs {gb['tok_per_s']:.1f} useful "
              f"tok/s, **{mb['tok_per_s'] / gb['tok_per_s']:.2f}x** ({gb['tok_per_s'] / hb['tok_per_s']:.2f}x transformers "
              f"on `BatchGenerator`); the same greedy answers: {same_batchgen}/{len(prompts)}.\n")
-    body += (f"\nThe decode steps' SwiGLU in the shim (`mlx_distill_swiglu`, the default) instead of mlx-lm's: "
+    body += (f"\n`fastdecode`'s SwiGLU in the shim (`mlx_distill_swiglu`, the default) instead of mlx-lm's: "
              f"{mb['tok_per_s']:.1f} vs {sb['tok_per_s']:.1f} useful tok/s, **{mb['tok_per_s'] / sb['tok_per_s']:.2f}x**; "
              f"the same greedy answers: {same_swiglu}/{len(prompts)}.\n")
     if lb:

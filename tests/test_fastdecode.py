@@ -108,7 +108,7 @@ def test_the_swiglu_kernel_matches_silu_times_up(n: int) -> None:
 
 @needs_kernel
 @pytest.mark.parametrize("on", [True, False])
-def test_decode_steps_run_swiglu_in_the_kernel_and_put_mlx_lms_back(monkeypatch: pytest.MonkeyPatch, on: bool) -> None:
+def test_decode_runs_swiglu_in_the_kernel_and_puts_mlx_lms_back(monkeypatch: pytest.MonkeyPatch, on: bool) -> None:
     from mlx_lm.models import activations, llama
 
     model = _model()
@@ -119,8 +119,9 @@ def test_decode_steps_run_swiglu_in_the_kernel_and_put_mlx_lms_back(monkeypatch:
     prompts = [[3, 9, 27, 17], [5, 1, 2, 40, 41, 7]]
     got = fastdecode.decode(model, prompts, max_tokens=6, stop=set(), batch_size=2)
     assert got == [_greedy(model, p, 6, set()) for p in prompts]
-    # 5 steps after the prefills (whose many-token SwiGLU stays mlx-lm's), one call a layer, 2 rows x 128 floats
-    assert calls == ([2 * 128] * 5 * len(model.layers) if on else [])
+    # one call a layer: the two prefills (4 and 6 tokens), then 5 steps of 2 rows; 128 floats a token
+    layers = len(model.layers)
+    assert calls == ([4 * 128] * layers + [6 * 128] * layers + [2 * 128] * 5 * layers if on else [])
     assert llama.swiglu is activations.swiglu
 
 

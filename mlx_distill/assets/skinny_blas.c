@@ -395,7 +395,7 @@ int mlx_distill_attend(int b, int hq, int hkv, int d, int cap, float scale, cons
   return 0;
 }
 
-/* out = silu(gate) * up over n floats (fastdecode's SwiGLU in a decode step: 8 rows x 1536 a layer). MLX 0.32's
+/* out = silu(gate) * up over n floats (fastdecode's SwiGLU: a decode step's 8 rows x 1536 a layer). MLX 0.32's
    CPU exp is scalar (~9-17 ns an element, ~6 ms of a 44 ms decode step on a 2-core AMD EPYC, 2026-12-06); this is
    vexp, 16 at a time. silu(g) = g / (1 + e^-g) for g >= 0, g e^g / (1 + e^g) below: e^-|g| never overflows. */
 void mlx_distill_swiglu(long n, const float* gate, const float* up, float* out) {
