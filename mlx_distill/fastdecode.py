@@ -46,7 +46,7 @@ from typing import Any
 from mlx_distill.errors import ConfigError
 
 ENV = "MLX_DISTILL_FAST_DECODE"
-SWIGLU_ENV = "MLX_DISTILL_DECODE_SWIGLU"  # "0": mlx-lm's SwiGLU in the decode steps too
+SWIGLU_ENV = "MLX_DISTILL_DECODE_SWIGLU"  # "0": fastdecode keeps mlx-lm's SwiGLU
 SPIN_US = 2000  # the shim's helpers spin this long between jobs while decoding (MLX_DISTILL_DECODE_SPIN_US)
 
 
