@@ -143,32 +143,26 @@ def _lib() -> ctypes.CDLL | None:
     return _libs[path]
 
 
-def attend_fn() -> ctypes._CFuncPtr | None:
-    """The shim's one-query attention (``mlx_distill_attend``, for :mod:`mlx_distill.fastdecode`), or None.
-
-    None without the shim, or when it was built without ``-march=native``.
-    """
+def _native_fn(name: str, restype: type | None, argtypes: list[type]) -> ctypes._CFuncPtr | None:
+    """The shim's function ``name``; None without the shim, or when it was built without ``-march=native``."""
     lib = _lib()
     if lib is None or not lib.mlx_distill_skinny_native():
         return None
-    f = lib.mlx_distill_attend
-    f.restype = ctypes.c_int
-    f.argtypes = [ctypes.c_int] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 10
+    f = getattr(lib, name)
+    f.restype = restype
+    f.argtypes = argtypes
     return f
+
+
+def attend_fn() -> ctypes._CFuncPtr | None:
+    """The shim's one-query attention (``mlx_distill_attend``, for :mod:`mlx_distill.fastdecode`), or None."""
+    return _native_fn("mlx_distill_attend", ctypes.c_int,
+                      [ctypes.c_int] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 10)
 
 
 def swiglu_fn() -> ctypes._CFuncPtr | None:
-    """The shim's ``silu(gate) * up`` (``mlx_distill_swiglu``, for :mod:`mlx_distill.fastdecode`), or None.
-
-    None without the shim, or when it was built without ``-march=native``.
-    """
-    lib = _lib()
-    if lib is None or not lib.mlx_distill_skinny_native():
-        return None
-    f = lib.mlx_distill_swiglu
-    f.restype = None
-    f.argtypes = [ctypes.c_long] + [ctypes.c_void_p] * 3
-    return f
+    """The shim's ``silu(gate) * up`` (``mlx_distill_swiglu``, for :mod:`mlx_distill.fastdecode`), or None."""
+    return _native_fn("mlx_distill_swiglu", None, [ctypes.c_long] + [ctypes.c_void_p] * 3)
 
 
 def set_kernel(on: bool) -> bool | None:
